@@ -1,0 +1,17 @@
+"""surogate.kernels: Numba-CUDA training kernels with torch references.
+
+Each op has a public function that runs the Numba kernel on CUDA tensors and the torch reference on CPU
+tensors; `surogate.kernels.torch` wraps them as autograd Functions and nn.Modules.
+"""
+
+from .__about__ import __version__
+from ._runtime import SIMULATOR, Kernel
+from .ops.rms_norm import rms_norm_backward, rms_norm_forward
+
+__all__ = [
+    "SIMULATOR",
+    "Kernel",
+    "__version__",
+    "rms_norm_backward",
+    "rms_norm_forward",
+]

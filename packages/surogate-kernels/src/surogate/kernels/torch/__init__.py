@@ -1,0 +1,8 @@
+"""autograd Functions and nn.Modules over surogate.kernels ops, for users' own torch models (like Liger's modules).
+
+CUDA tensors run the Numba kernels; CPU tensors run the torch reference, so the same module works everywhere.
+"""
+
+from .rms_norm import RMSNorm, RMSNormFunction
+
+__all__ = ["RMSNorm", "RMSNormFunction"]

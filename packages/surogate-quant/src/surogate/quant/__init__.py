@@ -1,0 +1,5 @@
+"""surogate.quant."""
+
+from .__about__ import __version__
+
+__all__ = ["__version__"]

@@ -1,0 +1,42 @@
+"""Timing helpers for benchmarks: CUDA-event medians over warm, rotated inputs, and the measured copy bandwidth."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def median_ms(fn, *, warmup: int = 5, repeat: int = 50) -> float:
+    """Median time of `fn()` in ms, each call timed alone with CUDA events after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_ms(fn, *, repeat: int = 20) -> float:
+    """Time of `fn()` in ms as replayed from a CUDA graph: GPU time without Python launch overhead."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, warmup=3, repeat=repeat)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), repeat=20)
+    return 2 * nbytes / ms / 1e6
