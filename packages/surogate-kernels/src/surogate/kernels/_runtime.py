@@ -23,7 +23,10 @@ if not hasattr(np, "row_stack"):  # NumPy >= 2.5 removed it; numba-cuda 0.30.4 s
     np.row_stack = np.vstack
 
 import torch  # noqa: E402
+from numba import config as numba_config  # noqa: E402
 from numba import cuda, float32, int16, int32, uint32  # noqa: E402
+
+numba_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0  # small grids (e.g. a column reduction) are intended
 
 SIMULATOR: bool = bool(cuda.config.ENABLE_CUDASIM)
 WARP = 32

@@ -3,7 +3,10 @@
 Numerics: fp32 accumulation; bf16 or fp32 in and out, rounded once; rstd saved in fp32 for the backward.
 Backward: dx = rstd * (w*dy - x * rstd^2 * mean(w*dy*x)); dw = sum over rows of dy * x * rstd, reduced
 deterministically (per-block partial sums in fp32, then one column reduction), no atomics.
-Shapes: any number of rows, hidden size up to 16384 (MAX_PER_THREAD * 1024), odd sizes included.
+Shapes: any number of rows, hidden size up to 8192 (MAX_PER_THREAD * 1024), odd sizes included.
+Registers: each thread keeps its MAX_PER_THREAD values of a row in registers; launch_bounds=1024 caps the kernels
+at 64 registers a thread so that 1024-thread blocks launch (without it the backward failed for hidden >= 2560 on the
+H100 with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES).
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import math
 import torch
 from numba import cuda, float32
 
-from .._runtime import REDUCE_SLOTS, block_sum, ceil_div, dispatch, kernels_per_dtype, round_up, sm_count
+from .._runtime import REDUCE_SLOTS, SIMULATOR, block_sum, ceil_div, dispatch, kernels_per_dtype, round_up, sm_count
 
-MAX_PER_THREAD = 16  # values of a row each thread keeps in registers; hidden <= 16 * 1024
+MAX_PER_THREAD = 8  # values of a row each thread keeps in registers; hidden <= 8 * 1024
 ELEMENTS_PER_THREAD = 8  # target: 1024 threads cover a hidden size of 8192 in one pass
 
 
@@ -93,26 +96,50 @@ def _make_backward(load, store):
     return rms_norm_bwd
 
 
+COLUMN_TILE = 32  # columns per block of the column reduction (one warp wide: coalesced 128-byte rows)
+ROW_GROUPS = 4 if SIMULATOR else 32  # threads down the rows per column; their partial sums are added in a fixed order
+
+
 def _make_column_sum(load, store):
     def column_sum(partial, out):
-        """out[j] = sum_i partial[i, j] (fp32 partials, summed in a fixed order)."""
-        j = cuda.grid(1)
+        """out[j] = sum_i partial[i, j] over fp32 partials, in a fixed order (deterministic)."""
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        j = cuda.blockIdx.x * COLUMN_TILE + tx
+        sums = cuda.shared.array((ROW_GROUPS, COLUMN_TILE), float32)
+        acc = float32(0.0)
         if j < partial.shape[1]:
-            acc = float32(0.0)
-            for i in range(partial.shape[0]):
+            for i in range(ty, partial.shape[0], ROW_GROUPS):
                 acc += partial[i, j]
-            out[j] = store(acc)
+        sums[ty, tx] = acc
+        cuda.syncthreads()
+        if ty == 0 and j < partial.shape[1]:
+            total = float32(0.0)
+            for g in range(ROW_GROUPS):
+                total += sums[g, tx]
+            out[j] = store(total)
 
     return column_sum
 
 
+def column_sum(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[j] = sum_i partial[i, j] for fp32 partials [blocks, n] (out fp32 or bf16 [n]). Shared by ops that reduce
+    per-block partial sums deterministically."""
+    _column_sum[out.dtype].launch((ceil_div(partial.shape[1], COLUMN_TILE),), (COLUMN_TILE, ROW_GROUPS), (partial, out))
+    return out
+
+
 _forward = kernels_per_dtype(
-    _make_forward, "void({t}[:, ::1], {t}[::1], {t}[:, ::1], float32[::1], float32)", "rms_norm_fwd"
+    _make_forward,
+    "void({t}[:, ::1], {t}[::1], {t}[:, ::1], float32[::1], float32)",
+    "rms_norm_fwd",
+    launch_bounds=1024,
 )
 _backward = kernels_per_dtype(
     _make_backward,
     "void({t}[:, ::1], {t}[:, ::1], {t}[::1], float32[::1], {t}[:, ::1], float32[:, ::1])",
     "rms_norm_bwd",
+    launch_bounds=1024,
 )
 _column_sum = kernels_per_dtype(_make_column_sum, "void(float32[:, ::1], {t}[::1])", "column_sum")
 
@@ -145,15 +172,17 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
     rows = x2.shape[0]
     dx = torch.empty_like(x2)
     dweight = torch.empty_like(weight)
-    blocks = max(1, min(rows, 2 * sm_count(x.device)))
+    threads = _threads_for(n_cols)
+    # Enough blocks to fill the SMs (2048 threads each); each block keeps one fp32 partial row of dweight.
+    blocks = max(1, min(rows, sm_count(x.device) * max(1, 2048 // threads)))
     partial = torch.empty(blocks, n_cols, dtype=torch.float32, device=x.device)
     if rows:
         _backward[x.dtype].launch(
             blocks,
-            _threads_for(n_cols),
+            threads,
             (dy2, x2, weight, rstd, dx, partial),
         )
-        _column_sum[x.dtype].launch(ceil_div(n_cols, 256), 256, (partial, dweight))
+        column_sum(partial, dweight)
     else:
         dweight.zero_()
     return dx.view(x.shape), dweight
