@@ -1,0 +1,216 @@
+"""End-to-end training throughput: our trainer and the peers on the same shapes and tokens, in one process on one GPU.
+
+For each (model shape, mode, recipe) it runs
+  - surogate: the trainer's step (CUDA graphs on by default),
+  - transformers + peft (bf16 weights, SDPA attention, torch AdamW),
+  - transformers + peft + Liger-Kernel (when its wheel is importable), optionally with gradient checkpointing,
+with random weights (no downloads) and random tokens, and prints tokens/s, step time, peak memory and MFU per row.
+Rows are appended to benchmarks/sft.csv (date, gpu, framework, model, mode, recipe, seq_len, micro_batch,
+tokens_per_s, step_ms, peak_gib, mfu, command).
+
+Usage: python tools/bench/bench_sft.py --models qwen3-0.6b --modes lora,full --frameworks surogate,hf,hf-liger
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import os
+import shlex
+import sys
+import tempfile
+import time
+
+import torch
+
+# Hugging Face config.json contents of the benchmark shapes (random weights are generated from these).
+SHAPES = {
+    "qwen3-0.6b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       tie_word_embeddings=True),
+    "qwen3-1.7b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       tie_word_embeddings=True),
+    "qwen3-4b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=True),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=False),
+    "llama-3.2-1b": dict(architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         tie_word_embeddings=True, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    "llama-3.2-3b": dict(architectures=["LlamaForCausalLM"], hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         tie_word_embeddings=True, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16 datasheet peak, for MFU
+
+
+def hf_config(name: str):
+    import transformers
+
+    shape = dict(SHAPES[name])
+    arch = shape.pop("architectures")[0]
+    config_cls = {"Qwen3ForCausalLM": transformers.Qwen3Config, "LlamaForCausalLM": transformers.LlamaConfig}[arch]
+    shape.setdefault("rope_theta", 1000000.0)
+    shape.update(rms_norm_eps=1e-6, max_position_embeddings=40960, torch_dtype="bfloat16")
+    return arch, config_cls(**shape)
+
+
+def count_params(name: str) -> tuple[int, int]:
+    """(total params, params in the matmuls of one token's forward, for MFU: 6 * N * tokens + attention)."""
+    s = SHAPES[name]
+    C, I, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    q, kv = s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"]
+    per_layer = C * (q + 2 * kv) + q * C + 3 * C * I
+    return L * per_layer + V * C * (1 if s["tie_word_embeddings"] else 2), L * per_layer + V * C
+
+
+def model_flops_per_token(name: str, seq_len: int, mode: str) -> float:
+    """Training FLOPs per token: 6N for full fine-tune (fwd + dgrad + wgrad), 4N for LoRA (frozen weights get no wgrad),
+    plus causal attention (fwd 2*2*T*d/2 per layer, bwd 2x that)."""
+    s = SHAPES[name]
+    _, n_matmul = count_params(name)
+    attn = 3 * 2 * 2 * s["num_hidden_layers"] * s["num_attention_heads"] * s["head_dim"] * seq_len / 2
+    return (6 if mode == "full" else 4) * n_matmul + attn
+
+
+def make_batches(vocab: int, micro_batch: int, seq_len: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=g) for _ in range(n)]
+
+
+def run_hf(name, mode, seq_len, micro_batch, steps, warmup, liger=False, checkpointing=False):
+    """transformers (+ peft) (+ Liger) on the same shapes: bf16 weights, SDPA, torch AdamW (fused)."""
+    import transformers
+
+    arch, config = hf_config(name)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    if liger:
+        import liger_kernel.transformers as lk
+
+        apply = {"Qwen3ForCausalLM": lk.apply_liger_kernel_to_qwen3, "LlamaForCausalLM": lk.apply_liger_kernel_to_llama}[arch]
+        apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    model_cls = getattr(transformers, arch)
+    with torch.device("cuda"):
+        model = model_cls(config).to(torch.bfloat16)
+    if mode == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS,
+                                                           lora_dropout=0.0, task_type="CAUSAL_LM"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mode == "lora":
+            model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    batches = [b.cuda() for b in make_batches(config.vocab_size, micro_batch, seq_len, 4)]
+
+    def step(i):
+        b = batches[i % len(batches)]
+        out = model(input_ids=b[:, :-1], labels=b[:, :-1])  # transformers shifts the labels itself
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    return time_steps(step, steps, warmup)
+
+
+def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16", cuda_graphs=True):
+    """Our trainer's step on the same shapes: random weights written as a HF folder, then loaded by surogate."""
+    from surogate.cli.bench import make_train_step  # the trainer's step builder (static shapes, CUDA graphs)
+
+    arch, config = hf_config(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        step = make_train_step(config.to_dict() | {"architectures": [arch]}, tmp, mode=mode, recipe=recipe,
+                               seq_len=seq_len, micro_batch=micro_batch, cuda_graphs=cuda_graphs)
+        return time_steps(step, steps, warmup)
+
+
+def time_steps(step, steps, warmup):
+    for i in range(warmup):
+        loss = step(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = step(warmup + i)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return elapsed / steps, torch.cuda.max_memory_allocated() / 2**30, float(loss)
+
+
+FRAMEWORKS = {
+    "surogate": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r),
+    "surogate-eager": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, cuda_graphs=False),
+    "hf": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w),
+    "hf-liger": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w, liger=True),
+    "hf-liger-ckpt": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w, liger=True, checkpointing=True),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="qwen3-0.6b")
+    parser.add_argument("--modes", default="lora")
+    parser.add_argument("--recipes", default="bf16")
+    parser.add_argument("--frameworks", default="surogate,hf,hf-liger")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/sft.csv")
+    args = parser.parse_args()
+    gpu = torch.cuda.get_device_name()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    rows = []
+    print(f"# {gpu}; seq_len {args.seq_len}, micro-batch {args.micro_batch}; {args.steps} timed steps after {args.warmup}")
+    print(f"{'framework':15} {'model':13} {'mode':5} {'recipe':11} {'tok/s':>9} {'step ms':>8} {'peak GiB':>8} {'MFU':>6}  loss")
+    for name in args.models.split(","):
+        for mode in args.modes.split(","):
+            for recipe in args.recipes.split(","):
+                for fw in args.frameworks.split(","):
+                    if fw.startswith("hf") and recipe != "bf16":
+                        continue
+                    try:
+                        step_s, peak, loss = FRAMEWORKS[fw](name, mode, args.seq_len, args.micro_batch, args.steps,
+                                                            args.warmup, recipe)
+                    except Exception as e:  # a peer that is not installed or runs out of memory: say so, go on
+                        print(f"{fw:15} {name:13} {mode:5} {recipe:11} failed: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    finally:
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                    tokens = args.seq_len * args.micro_batch
+                    tps = tokens / step_s
+                    mfu = tps * model_flops_per_token(name, args.seq_len, mode) / (H100_BF16_PEAK_TFLOPS * 1e12)
+                    row = dict(date=datetime.date.today().isoformat(), gpu=gpu, framework=fw, model=name, mode=mode,
+                               recipe=recipe, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                               tokens_per_s=round(tps), step_ms=round(step_s * 1e3, 2), peak_gib=round(peak, 2),
+                               mfu=round(mfu, 4), command=command)
+                    rows.append(row)
+                    print(f"{fw:15} {name:13} {mode:5} {recipe:11} {tps:9.0f} {step_s * 1e3:8.1f} {peak:8.2f} "
+                          f"{100 * mfu:5.1f}%  {loss:.3f}")
+    if rows and args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        new = not os.path.exists(args.out)
+        with open(args.out, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
