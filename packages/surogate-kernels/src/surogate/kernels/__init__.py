@@ -7,6 +7,7 @@ tensors; `surogate.kernels.torch` wraps them as autograd Functions and nn.Module
 from .__about__ import __version__
 from ._runtime import SIMULATOR, Kernel
 from .ops.rms_norm import rms_norm_backward, rms_norm_forward
+from .ops.swiglu import swiglu_backward, swiglu_forward
 
 __all__ = [
     "SIMULATOR",
@@ -14,4 +15,6 @@ __all__ = [
     "__version__",
     "rms_norm_backward",
     "rms_norm_forward",
+    "swiglu_backward",
+    "swiglu_forward",
 ]

@@ -4,5 +4,6 @@ CUDA tensors run the Numba kernels; CPU tensors run the torch reference, so the 
 """
 
 from .rms_norm import RMSNorm, RMSNormFunction
+from .swiglu import SwiGLU, SwiGLUFunction
 
-__all__ = ["RMSNorm", "RMSNormFunction"]
+__all__ = ["RMSNorm", "RMSNormFunction", "SwiGLU", "SwiGLUFunction"]
