@@ -6,6 +6,7 @@ tensors; `surogate.kernels.torch` wraps them as autograd Functions and nn.Module
 
 from .__about__ import __version__
 from ._runtime import SIMULATOR, Kernel
+from .ops.cross_entropy import cross_entropy_forward_backward, cross_entropy_loss
 from .ops.rms_norm import rms_norm_backward, rms_norm_forward
 from .ops.swiglu import swiglu_backward, swiglu_forward
 
@@ -13,6 +14,8 @@ __all__ = [
     "SIMULATOR",
     "Kernel",
     "__version__",
+    "cross_entropy_forward_backward",
+    "cross_entropy_loss",
     "rms_norm_backward",
     "rms_norm_forward",
     "swiglu_backward",

@@ -3,7 +3,15 @@
 CUDA tensors run the Numba kernels; CPU tensors run the torch reference, so the same module works everywhere.
 """
 
+from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss
 from .rms_norm import RMSNorm, RMSNormFunction
 from .swiglu import SwiGLU, SwiGLUFunction
 
-__all__ = ["RMSNorm", "RMSNormFunction", "SwiGLU", "SwiGLUFunction"]
+__all__ = [
+    "CrossEntropyFunction",
+    "CrossEntropyLoss",
+    "RMSNorm",
+    "RMSNormFunction",
+    "SwiGLU",
+    "SwiGLUFunction",
+]
