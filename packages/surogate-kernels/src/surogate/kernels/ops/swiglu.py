@@ -5,7 +5,8 @@ Backward: with s = sigmoid(g): d_gate = dh * up * s * (1 + g * (1 - s)), d_up = 
 d_gate_up [rows, 2*I] laid out like gate_up.
 Shapes: any number of rows, any I (odd included). Elementwise and bandwidth-bound: each thread loads
 ELEMENTS_PER_THREAD columns of a row before it computes (independent loads in flight), a warp's loads are coalesced;
-grid = (column blocks, rows), both grid-stride.
+grid = (column blocks covering a row, row blocks looping over the rows). launch_bounds (256, 8) holds the kernels to
+32 registers, so 2048 threads fit on an SM (full occupancy keeps enough loads in flight for HBM).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .._runtime import ceil_div, dispatch, kernels_per_dtype, round_up, sm_count
 
 ELEMENTS_PER_THREAD = 4
 MAX_THREADS = 256
-MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y; more rows are covered by the grid-stride loop
+MIN_BLOCKS_PER_SM = 8  # 8 x 256 threads: a full H100 SM
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y; blocks loop over the rows beyond
 
 
 def _threads_for(n_cols: int) -> int:
@@ -34,23 +36,24 @@ def _make_forward(load, store):
         first = cuda.blockIdx.x * stride * ELEMENTS_PER_THREAD + cuda.threadIdx.x
         gs = cuda.local.array(ELEMENTS_PER_THREAD, float32)
         us = cuda.local.array(ELEMENTS_PER_THREAD, float32)
-        for row in range(cuda.blockIdx.y, h.shape[0], cuda.gridDim.y):
-            for start in range(first, n, cuda.gridDim.x * stride * ELEMENTS_PER_THREAD):
-                for k in range(ELEMENTS_PER_THREAD):
-                    i = start + k * stride
-                    g = float32(0.0)
-                    u = float32(0.0)
-                    if i < n:
-                        g = load(gate_up[row, i])
-                        u = load(gate_up[row, n + i])
-                    gs[k] = g
-                    us[k] = u
-                for k in range(ELEMENTS_PER_THREAD):
-                    i = start + k * stride
-                    if i < n:
-                        g = gs[k]
-                        s = float32(1.0) / (float32(1.0) + math.exp(-g))
-                        h[row, i] = store(g * s * us[k])
+        row = cuda.blockIdx.y
+        while row < h.shape[0]:  # a while loop: `range` with a runtime step costs a 64-bit division and registers
+            for k in range(ELEMENTS_PER_THREAD):
+                i = first + k * stride
+                g = float32(0.0)
+                u = float32(0.0)
+                if i < n:
+                    g = load(gate_up[row, i])
+                    u = load(gate_up[row, n + i])
+                gs[k] = g
+                us[k] = u
+            for k in range(ELEMENTS_PER_THREAD):
+                i = first + k * stride
+                if i < n:
+                    g = gs[k]
+                    s = float32(1.0) / (float32(1.0) + math.exp(-g))
+                    h[row, i] = store(g * s * us[k])
+            row += cuda.gridDim.y
 
     return swiglu_fwd
 
@@ -63,37 +66,38 @@ def _make_backward(load, store):
         ds = cuda.local.array(ELEMENTS_PER_THREAD, float32)
         gs = cuda.local.array(ELEMENTS_PER_THREAD, float32)
         us = cuda.local.array(ELEMENTS_PER_THREAD, float32)
-        for row in range(cuda.blockIdx.y, dh.shape[0], cuda.gridDim.y):
-            for start in range(first, n, cuda.gridDim.x * stride * ELEMENTS_PER_THREAD):
-                for k in range(ELEMENTS_PER_THREAD):
-                    i = start + k * stride
-                    d = float32(0.0)
-                    g = float32(0.0)
-                    u = float32(0.0)
-                    if i < n:
-                        d = load(dh[row, i])
-                        g = load(gate_up[row, i])
-                        u = load(gate_up[row, n + i])
-                    ds[k] = d
-                    gs[k] = g
-                    us[k] = u
-                for k in range(ELEMENTS_PER_THREAD):
-                    i = start + k * stride
-                    if i < n:
-                        g = gs[k]
-                        s = float32(1.0) / (float32(1.0) + math.exp(-g))
-                        d = ds[k]
-                        d_gate_up[row, i] = store(d * us[k] * s * (float32(1.0) + g * (float32(1.0) - s)))
-                        d_gate_up[row, n + i] = store(d * g * s)
+        row = cuda.blockIdx.y
+        while row < dh.shape[0]:
+            for k in range(ELEMENTS_PER_THREAD):
+                i = first + k * stride
+                d = float32(0.0)
+                g = float32(0.0)
+                u = float32(0.0)
+                if i < n:
+                    d = load(dh[row, i])
+                    g = load(gate_up[row, i])
+                    u = load(gate_up[row, n + i])
+                ds[k] = d
+                gs[k] = g
+                us[k] = u
+            for k in range(ELEMENTS_PER_THREAD):
+                i = first + k * stride
+                if i < n:
+                    g = gs[k]
+                    s = float32(1.0) / (float32(1.0) + math.exp(-g))
+                    d = ds[k]
+                    d_gate_up[row, i] = store(d * us[k] * s * (float32(1.0) + g * (float32(1.0) - s)))
+                    d_gate_up[row, n + i] = store(d * g * s)
+            row += cuda.gridDim.y
 
     return swiglu_bwd
 
 
 _forward = kernels_per_dtype(
-    _make_forward, "void({t}[:, ::1], {t}[:, ::1])", "swiglu_fwd", launch_bounds=MAX_THREADS
+    _make_forward, "void({t}[:, ::1], {t}[:, ::1])", "swiglu_fwd", launch_bounds=(MAX_THREADS, MIN_BLOCKS_PER_SM)
 )
 _backward = kernels_per_dtype(
-    _make_backward, "void({t}[:, ::1], {t}[:, ::1], {t}[:, ::1])", "swiglu_bwd", launch_bounds=MAX_THREADS
+    _make_backward, "void({t}[:, ::1], {t}[:, ::1], {t}[:, ::1])", "swiglu_bwd", launch_bounds=(MAX_THREADS, MIN_BLOCKS_PER_SM)
 )
 
 

@@ -4,12 +4,15 @@ CUDA tensors run the Numba kernels; CPU tensors run the torch reference, so the 
 """
 
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss
+from .fused_add_rms_norm import FusedAddRMSNorm, FusedAddRMSNormFunction
 from .rms_norm import RMSNorm, RMSNormFunction
 from .swiglu import SwiGLU, SwiGLUFunction
 
 __all__ = [
     "CrossEntropyFunction",
     "CrossEntropyLoss",
+    "FusedAddRMSNorm",
+    "FusedAddRMSNormFunction",
     "RMSNorm",
     "RMSNormFunction",
     "SwiGLU",
