@@ -1,0 +1,415 @@
+"""Data parallel training over flat buffers: bucketed gradient reduction overlapped with backward, ZeRO-1/2/3.
+
+Every rank runs the same model on its own rows; gradients are reduced over ranks bucket by bucket (FlatLayout),
+each bucket launched asynchronously as soon as its groups' gradients are complete (`grad_ready`), all waited
+for at the end of the micro-step. Reductions run in the gradient buffer's dtype (fp32); `average=True` divides
+by the world size (mean-reduced losses), `average=False` sums (the trainer already divided by the global token
+count). Optimizer math is the caller's `step_fn(master, grads, state)`, elementwise over flat fp32 buffers.
+
+What each rank holds (N = parameters, W = ranks):
+
+    zero  params (model reads)  grads (fp32)                 master fp32 + optimizer state   reduction
+    0     full                  full, all-reduced            full (params itself if fp32)    all-reduce, last micro-step
+    1     full                  full + shard N/W             shard                           reduce-scatter, last micro-step
+    2     full                  full scratch + shard N/W     shard                           reduce-scatter, every micro-step
+    3     gathered per layer    per-bucket scratch + shard   shard                           reduce-scatter, every micro-step
+
+ZeRO-1/2 all-gather the updated master shards into `params` after the step (cast to params' dtype, e.g. bf16);
+ZeRO-3 keeps only the shard and gathers a layer at a time (`gather`/`prefetch`/`release`, ShardedParameters).
+At ZeRO-2 the reduce-scattered micro-step gradients accumulate into the fp32 shard and the full buffer is zeroed
+for the next micro-step: the full-size buffer is scratch the model writes into, not an accumulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from ._comm import Handle, all_gather_, all_reduce, reduce_op, reduce_scatter_
+from .layout import DEFAULT_BUCKET_NUMEL, FlatLayout
+from .sharded import ShardedParameters
+from .world import World
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None]
+_MAX_INFLIGHT_ZERO3 = 2  # ZeRO-3 gradient scratch buckets in flight at once: bounds the scratch memory
+
+
+def all_reduce_grads(
+    world: World, grads: torch.Tensor, *, bucket_numel: int = DEFAULT_BUCKET_NUMEL, average: bool = True
+) -> None:
+    """All-reduce a flat gradient buffer in place, bucket by bucket (all launched, then all waited for)."""
+    if world.world_size == 1:
+        return
+    op, post_scale = reduce_op(world, average)
+    flat = grads.view(-1)
+    handles = []
+    for start in range(0, flat.numel(), max(bucket_numel, 1)):
+        span = flat[start : start + bucket_numel]
+        handles.append(all_reduce(world, span, op, (lambda s=span: s.mul_(post_scale)) if post_scale != 1 else None))
+    for h in handles:
+        h.wait()
+
+
+def bind_parameters(
+    layout: FlatLayout,
+    groups: Sequence[Sequence[torch.nn.Parameter]],
+    params: torch.Tensor,
+    grads: torch.Tensor | None = None,
+) -> None:
+    """Copy each parameter into its place in `params` and make it a view there (`.grad` a view into `grads`).
+
+    `groups[g]` are the parameters of layout group g, in order; their sizes must add up to the group's size.
+    Autograd then accumulates into the flat gradient buffer in place: never set `.grad = None` afterwards.
+    """
+    if len(groups) != len(layout.group_sizes):
+        raise ValueError(f"{len(groups)} parameter groups given, the layout has {len(layout.group_sizes)}")
+    for g, plist in enumerate(groups):
+        total = sum(p.numel() for p in plist)
+        if total != layout.group_sizes[g]:
+            raise ValueError(f"group {g} parameters hold {total} elements, the layout says {layout.group_sizes[g]}")
+        at = layout.group_offsets[g]
+        for p in plist:
+            n = p.numel()
+            params[at : at + n].copy_(p.detach().reshape(-1))
+            p.data = params[at : at + n].view_as(p)
+            if grads is not None:
+                p.grad = grads[at : at + n].view_as(p)
+            at += n
+
+
+class DataParallel:
+    """Gradient reduction and (ZeRO-sharded) optimizer step over flat buffers.
+
+    Args:
+        world: from `init()`.
+        layout: FlatLayout(group_sizes, world.world_size, bucket_numel); `params`/`grads` are laid out by it.
+        params: flat weights the model reads, `layout.numel` elements (fp32 or bf16), on world.device. At ZeRO-3
+            only their shard is kept: drop your reference after construction.
+        grads: flat fp32 gradient buffer (`layout.numel`) the model accumulates into; None at ZeRO-3 (the engine
+            hands out per-bucket scratch through `grad_buffer`).
+        zero: 0 (plain data parallel), 1, 2 or 3.
+        make_state: builds the optimizer state from the fp32 master (full or shard), e.g.
+            `lambda p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}`.
+        average: mean (True) or sum (False) of the gradients over ranks.
+        sync_params: broadcast rank 0's params first, so every rank starts from the same weights.
+    """
+
+    def __init__(
+        self,
+        world: World,
+        layout: FlatLayout,
+        params: torch.Tensor,
+        grads: torch.Tensor | None = None,
+        *,
+        zero: int = 0,
+        make_state: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        average: bool = True,
+        sync_params: bool = True,
+    ):
+        if zero not in (0, 1, 2, 3):
+            raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero!r}")
+        if layout.world_size != world.world_size:
+            raise ValueError(f"layout is for {layout.world_size} ranks, the world has {world.world_size}")
+        _check_flat("params", params, layout.numel, world.device)
+        if zero == 3 and grads is not None:
+            raise ValueError("zero=3 keeps no full gradient buffer: pass grads=None and use grad_buffer(group)")
+        if zero < 3:
+            if grads is None:
+                raise ValueError(f"zero={zero} needs the flat gradient buffer `grads`")
+            _check_flat("grads", grads, layout.numel, world.device)
+        self.world = world
+        self.layout = layout
+        self.zero = zero
+        self.average = average
+        self._op, self._post_scale = reduce_op(world, average)
+        if sync_params and world.world_size > 1:
+            tdist.broadcast(params, src=0)
+
+        self.params: torch.Tensor | None = params if zero < 3 else None
+        self.grads: torch.Tensor | None = grads
+        self.grad_shard: torch.Tensor | None = None
+        self.sharded: ShardedParameters | None = None
+        if zero == 0:
+            self.master = params if params.dtype == torch.float32 else params.float()
+        else:
+            self.master = layout.shard_of(params, world.rank).float()
+            self.grad_shard = torch.zeros_like(self.master)
+        if zero == 3:
+            work = self.master if params.dtype == torch.float32 else self.master.to(params.dtype)
+            self.sharded = ShardedParameters(world, layout, work)
+        self.state = make_state(self.master)
+        if not isinstance(self.state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self.state.items()
+        ):
+            raise TypeError("make_state must return a dict of str -> torch.Tensor")
+
+        n = len(layout.buckets)
+        self._in_micro = False
+        self._reducing = False
+        self._ready: set[int] = set()
+        self._left = [0] * n
+        self._launched = [False] * n
+        self._pending: list[Handle] = []
+        self._grad_scratch: dict[int, torch.Tensor] = {}
+        self._hook_counts: dict[int, int] = {}
+
+    # -- weights and gradients of one group (uniform over ZeRO levels) ----------------------------------------
+
+    def gather(self, group: int) -> torch.Tensor:
+        """Group `group`'s weights, flat: a view of `params` (ZeRO 0-2) or a gathered copy (ZeRO-3)."""
+        if self.sharded is not None:
+            return self.sharded.gather(group)
+        return self.params[self.layout.group_span(group)]
+
+    def prefetch(self, group: int) -> None:
+        """Start gathering `group` (ZeRO-3; a no-op otherwise and for groups out of range)."""
+        if self.sharded is not None:
+            self.sharded.prefetch(group)
+
+    def release(self, group: int) -> None:
+        """Free `group`'s gathered weights (ZeRO-3; a no-op otherwise)."""
+        if self.sharded is not None:
+            self.sharded.release(group)
+
+    def grad_buffer(self, group: int) -> torch.Tensor:
+        """Where group `group`'s gradient accumulates (add into it): a view of `grads`, or ZeRO-3 scratch that is
+        zero at the start of each micro-step and is reduced (and freed) after `grad_ready(group)`."""
+        if self.zero < 3:
+            return self.grads[self.layout.group_span(group)]
+        if not self._in_micro:
+            raise RuntimeError("at zero=3 gradient buffers exist only inside `with dp.micro_step(...)`")
+        b = self.layout.group_bucket[group]
+        if self._launched[b]:
+            raise RuntimeError(f"group {group}'s bucket was already reduced in this micro-step (grad_ready called)")
+        scratch = self._grad_scratch.get(b)
+        if scratch is None:
+            scratch = torch.zeros(self.layout.buckets[b].numel, dtype=torch.float32, device=self.world.device)
+            self._grad_scratch[b] = scratch
+        return scratch[self.layout.group_span_in_bucket(group)]
+
+    # -- micro-steps and reduction -----------------------------------------------------------------------------
+
+    @contextmanager
+    def micro_step(self, last: bool = True) -> Iterator[DataParallel]:
+        """One forward + backward. Gradients are reduced at its end when `last` (ZeRO 0/1: grads accumulate
+        locally over the other micro-steps) and at every micro-step at ZeRO 2/3. Inside, `grad_ready(group)`
+        launches a bucket's reduction early, overlapping the rest of backward."""
+        if self._in_micro:
+            raise RuntimeError("micro_step blocks do not nest")
+        self._in_micro = True
+        self._reducing = self.zero >= 2 or last
+        self._ready = set()
+        self._left = [sum(1 for g in b.groups if self.layout.group_sizes[g] > 0) for b in self.layout.buckets]
+        self._launched = [False] * len(self.layout.buckets)
+        self._hook_counts = {}
+        try:
+            yield self
+        except BaseException:
+            self._in_micro = False
+            self._pending.clear()
+            self._grad_scratch.clear()
+            raise
+        try:
+            if self._reducing:
+                for b, launched in enumerate(self._launched):
+                    if not launched:
+                        self._launch(b)
+                for h in self._pending:
+                    h.wait()
+        finally:
+            self._pending.clear()
+            self._grad_scratch.clear()
+            self._in_micro = False
+            self._reducing = False
+
+    def grad_ready(self, group: int) -> None:
+        """Group `group`'s gradient is complete for this micro-step: reduce its bucket once all of the bucket's
+        groups are ready. Optional: whatever is not launched early is reduced at the end of the micro-step."""
+        if not self._in_micro:
+            raise RuntimeError("grad_ready is called inside `with dp.micro_step(...)`")
+        if group in self._ready:
+            raise RuntimeError(
+                f"group {group} was marked ready twice in one micro-step: run backward once per micro_step block"
+            )
+        self._ready.add(group)
+        if not self._reducing or self.layout.group_sizes[group] == 0:
+            return
+        b = self.layout.group_bucket[group]
+        self._left[b] -= 1
+        if self._left[b] == 0 and not self._launched[b]:
+            self._launch(b)
+            if self.zero == 3:
+                while len(self._pending) > _MAX_INFLIGHT_ZERO3:
+                    self._pending.pop(0).wait()
+
+    def register_grad_hooks(self, groups: Sequence[Sequence[torch.nn.Parameter]]) -> list:
+        """Call `grad_ready(g)` from autograd once every parameter of group g has its gradient accumulated
+        (post-accumulate-grad hooks; parameters bound with `bind_parameters`). Returns the hook handles."""
+        handles = []
+        for g, plist in enumerate(groups):
+            trainable = [p for p in plist if p.requires_grad]
+            for p in trainable:
+                handles.append(p.register_post_accumulate_grad_hook(self._hook(g, len(trainable))))
+        return handles
+
+    def _hook(self, group: int, count: int):
+        def hook(_p: torch.Tensor) -> None:
+            if not self._in_micro:
+                return
+            done = self._hook_counts.get(group, 0) + 1
+            self._hook_counts[group] = done
+            if done == count:
+                self.grad_ready(group)
+
+        return hook
+
+    def _launch(self, b: int) -> None:
+        self._launched[b] = True
+        bucket = self.layout.buckets[b]
+        if bucket.numel == 0:
+            return
+        scale = self._post_scale
+        if self.zero == 0:
+            span = self.grads[bucket.span]
+            self._pending.append(all_reduce(self.world, span, self._op, (lambda: span.mul_(scale)) if scale != 1 else None))
+            return
+        if self.zero == 3:
+            full = self._grad_scratch.pop(b, None)
+            if full is None:  # no gradient for this bucket on this rank: it still takes part in the collective
+                full = torch.zeros(bucket.numel, dtype=torch.float32, device=self.world.device)
+        else:
+            full = self.grads[bucket.span]
+        own = full.view(self.world.world_size, -1)[self.world.rank]
+        dst = self.grad_shard[bucket.shard_span]
+        zero = self.zero
+
+        def then() -> None:
+            if zero == 1:
+                dst.copy_(own)
+                if scale != 1:
+                    dst.mul_(scale)
+            else:
+                dst.add_(own, alpha=scale)
+            if zero < 3:
+                full.zero_()
+
+        self._pending.append(reduce_scatter_(self.world, full, self._op, then))
+
+    # -- optimizer step ---------------------------------------------------------------------------------------
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the reduced gradients (0-d fp32 on the device, no host sync)."""
+        if self.zero == 0:
+            return torch.linalg.vector_norm(self.grads.float())
+        sq = self.grad_shard.square().sum()
+        if self.world.world_size > 1:
+            tdist.all_reduce(sq)
+        return sq.sqrt()
+
+    def step(self, step_fn: StepFn) -> None:
+        """Run `step_fn(master, grads, state)` on this rank's part (ZeRO 0: everything; else the shard, with
+        the reduced gradient shard), then bring `params` up to date from the new master weights."""
+        if self._in_micro:
+            raise RuntimeError("step() is called after the micro_step blocks, not inside one")
+        if self.zero == 0:
+            step_fn(self.master, self.grads, self.state)
+            if self.master is not self.params:
+                self.params.copy_(self.master)
+            return
+        step_fn(self.master, self.grad_shard, self.state)
+        self._publish()
+
+    def zero_grad(self) -> None:
+        """Zero the reduced gradients (ZeRO 1-3 already left the full buffer zeroed after reducing it)."""
+        if self.zero == 0:
+            self.grads.zero_()
+        else:
+            self.grad_shard.zero_()
+
+    def _publish(self) -> None:
+        """Master -> the weights the model reads: all-gather into params (ZeRO-1/2), refresh the shard (ZeRO-3)."""
+        if self.zero == 3:
+            if self.sharded.shard is not self.master:
+                self.sharded.shard.copy_(self.master)
+            self.sharded.release_all()
+            return
+        handles = []
+        for bucket in self.layout.buckets:
+            if bucket.numel == 0:
+                continue
+            full = self.params[bucket.span]
+            full.view(self.world.world_size, -1)[self.world.rank].copy_(self.master[bucket.shard_span])
+            handles.append(all_gather_(self.world, full))
+        for h in handles:
+            h.wait()
+
+    # -- whole-model views and checkpoints --------------------------------------------------------------------
+
+    def full_master(self, dst: int = 0) -> torch.Tensor | None:
+        """The fp32 master weights of all groups, unpadded (`layout.to_canonical` order), on the CPU of rank
+        `dst` (None on the others). Every rank must call it. Use it to save the model at any ZeRO level."""
+        return self._to_canonical(self.master, dst)
+
+    def save_state(self, directory: str | Path, *, gathered: bool = True) -> None:
+        """Write master weights + optimizer state (collective: every rank calls it).
+
+        gathered=True: rank 0 writes `optimizer.safetensors`, unpadded, loadable at any world size and ZeRO level.
+        gathered=False: every rank writes `rank{r}.safetensors` with its own part (no gather; resume needs the
+        same world size, ZeRO level and layout)."""
+        from .checkpoint import save_state  # noqa: PLC0415 (checkpoint imports this module)
+
+        save_state(self, Path(directory), gathered=gathered)
+
+    def load_state(self, directory: str | Path) -> None:
+        """Read what `save_state` wrote (either form) and refresh `params` from the loaded master."""
+        from .checkpoint import load_state  # noqa: PLC0415
+
+        load_state(self, Path(directory))
+        if self.zero == 0:
+            if self.master is not self.params:
+                self.params.copy_(self.master)
+        else:
+            self._publish()
+
+    def _to_canonical(self, part: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """A master-shaped tensor (full at ZeRO 0, shard otherwise) -> canonical order on rank dst's CPU."""
+        layout, world = self.layout, self.world
+        if self.zero == 0:
+            return layout.to_canonical(part).cpu() if world.rank == dst else None
+        out = torch.empty(layout.canonical_numel, dtype=part.dtype) if world.rank == dst else None
+        for bucket in layout.buckets:
+            if bucket.numel == 0:
+                continue
+            full = torch.empty(bucket.numel, dtype=part.dtype, device=part.device)
+            full.view(world.world_size, -1)[world.rank].copy_(part[bucket.shard_span])
+            all_gather_(world, full).wait()
+            if out is not None:
+                host = full.cpu()
+                for g in bucket.groups:
+                    out[layout.canonical_span(g)] = host[layout.group_span_in_bucket(g)]
+        return out
+
+    def _from_canonical(self, canonical: torch.Tensor, out: torch.Tensor) -> None:
+        """Canonical (CPU) -> this rank's master-shaped part `out` (full at ZeRO 0, shard otherwise)."""
+        layout, world = self.layout, self.world
+        if self.zero == 0:
+            out.copy_(layout.from_canonical(canonical.to(out.dtype)))
+            return
+        for bucket in layout.buckets:
+            if bucket.numel == 0:
+                continue
+            full = torch.zeros(bucket.numel, dtype=out.dtype)
+            for g in bucket.groups:
+                full[layout.group_span_in_bucket(g)] = canonical[layout.canonical_span(g)]
+            out[bucket.shard_span].copy_(full.view(world.world_size, -1)[world.rank])
+
+
+def _check_flat(name: str, t: torch.Tensor, numel: int, device: torch.device) -> None:
+    if t.dim() != 1 or t.numel() != numel:
+        raise ValueError(f"`{name}` has shape {tuple(t.shape)}, the layout needs a flat ({numel},) buffer")
+    if t.device.type != device.type:
+        raise ValueError(f"`{name}` is on {t.device}, the world's device is {device}")
