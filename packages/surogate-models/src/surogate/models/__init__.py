@@ -1,5 +1,18 @@
-"""surogate.models."""
+"""surogate.models: Llama / Qwen2.5 / Qwen3 for training, with hand-written block backward passes, LoRA, and
+Hugging Face safetensors in and out (full weights with the source's sharding, or peft adapters)."""
 
 from .__about__ import __version__
+from ._errors import ModelError
+from .config import ModelConfig
+from .loading import load_pretrained
+from .lora import LoraConfig
+from .model import CausalLM
 
-__all__ = ["__version__"]
+__all__ = [
+    "CausalLM",
+    "LoraConfig",
+    "ModelConfig",
+    "ModelError",
+    "__version__",
+    "load_pretrained",
+]

@@ -1,0 +1,1 @@
+"""Transformer block halves as autograd Functions with hand-written backward passes."""

@@ -1,0 +1,31 @@
+"""What every block of one forward call shares: dims, document layout, RoPE table, recompute flags, LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._recompute import Recompute
+from ..config import ModelConfig
+from . import _flash, _reference_attention
+from ._documents import Documents
+
+
+@dataclass
+class BlockContext:
+    config: ModelConfig
+    docs: Documents
+    inv_freq: torch.Tensor  # fp32 [head_dim // 2]
+    recompute: Recompute
+    flash: bool  # FlashAttention varlen (CUDA bf16/fp16) or the reference attention
+    lora_scale: float = 1.0
+    dropout: float = 0.0  # LoRA dropout in effect (0 outside training)
+
+    @property
+    def attention(self):
+        return _flash if self.flash else _reference_attention
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.config.head_dim**-0.5

@@ -1,0 +1,63 @@
+"""Packed rows: where documents start, from position ids, for document-masked attention.
+
+A document starts at the first token of each row and wherever a position id is not the previous one + 1
+(position ids reset per packed document). Attention never crosses a document boundary.
+- FlashAttention varlen (CUDA, bf16/fp16): cu_seqlens int32 [documents + 1] over the flattened tokens, max_seqlen = the row
+  length (an upper bound: FlashAttention only sizes its grid with it). Finding the document count costs one
+  host sync per forward when position ids are given; without position ids (one document per row) none.
+- reference attention (CPU, or fp32 on CUDA): doc_ids [batch, seq] (equal ids = same document) and the boolean causal +
+  block-diagonal mask [batch, 1, seq, seq].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Documents:
+    batch: int
+    seq: int
+    position_ids: torch.Tensor  # [batch * seq] int64
+    cu_seqlens: torch.Tensor | None = None  # CUDA
+    max_seqlen: int = 0
+    mask: torch.Tensor | None = None  # CPU: [batch, 1, seq, seq] bool, True = may attend
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] position ids -> [batch, seq] bool, True where a document starts."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def build_documents(
+    batch: int, seq: int, position_ids: torch.Tensor | None, device: torch.device, flash: bool
+) -> Documents:
+    """position_ids [batch, seq] or None (then 0..seq-1 in every row, one document per row).
+    flash: build cu_seqlens for FlashAttention, else the mask for the reference attention."""
+    packed = position_ids is not None
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=device).expand(batch, seq)
+    position_ids = position_ids.to(device=device, dtype=torch.int64)
+    docs = Documents(batch, seq, position_ids.reshape(-1).contiguous())
+    if flash:
+        if packed:
+            starts = torch.nonzero(document_starts(position_ids).reshape(-1)).reshape(-1)  # host sync
+        else:
+            starts = torch.arange(0, batch * seq, seq, device=device)
+        end = torch.full((1,), batch * seq, device=device, dtype=starts.dtype)
+        docs.cu_seqlens = torch.cat([starts, end]).to(torch.int32)
+        docs.max_seqlen = seq
+    else:
+        doc_ids = torch.cumsum(document_starts(position_ids).to(torch.int64), dim=1)
+        same = doc_ids[:, :, None] == doc_ids[:, None, :]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+        docs.mask = (same & causal).unsqueeze(1)
+    return docs

@@ -1,0 +1,33 @@
+"""load_pretrained: a Hugging Face model folder -> CausalLM (full fine-tune, or LoRA with frozen base weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ._errors import ModelError
+from .config import ModelConfig
+from .lora import LoraConfig
+from .model import CausalLM
+from .weights import load_hf
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                    lora: LoraConfig | None = None, recompute: str | dict | None = None) -> CausalLM:
+    """Read config.json and model.safetensors (or a sharded index) from `path`.
+
+    dtype: the weights' dtype after loading (bf16 / fp16 / fp32, converted from whatever the files hold).
+    lora: None for full fine-tuning (every parameter trainable), or a LoraConfig (base weights frozen).
+    recompute: None, "block", "att,ffn", or {"recompute_block": True, ...} (see _recompute.py).
+    """
+    if dtype not in _DTYPES:
+        raise ModelError(f"dtype must be one of bfloat16, float16, float32; got {dtype}")
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: not a folder. Point to a Hugging Face model folder (config.json + safetensors).")
+    config = ModelConfig.from_hf(path)
+    tensors, layout = load_hf(path, config, dtype, torch.device(device))
+    return CausalLM(config, tensors, lora=lora, recompute=recompute, layout=layout)
