@@ -8,6 +8,7 @@ from .__about__ import __version__
 from ._runtime import SIMULATOR, Kernel
 from .ops.cross_entropy import cross_entropy_forward_backward, cross_entropy_loss
 from .ops.fused_add_rms_norm import fused_add_rms_norm_backward, fused_add_rms_norm_forward
+from .ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from .ops.rms_norm import rms_norm_backward, rms_norm_forward
 from .ops.swiglu import swiglu_backward, swiglu_forward
 
@@ -19,6 +20,7 @@ __all__ = [
     "cross_entropy_loss",
     "fused_add_rms_norm_backward",
     "fused_add_rms_norm_forward",
+    "fused_linear_cross_entropy",
     "rms_norm_backward",
     "rms_norm_forward",
     "swiglu_backward",

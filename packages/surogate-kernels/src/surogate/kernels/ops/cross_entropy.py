@@ -230,33 +230,40 @@ def forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
 
 
 # ---------------------------------------------------------------------------------------------------- reference
-def _reference_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+def reference_row_losses(logits, targets, ignore_index: int, grad_scale, losses: torch.Tensor, with_grad: bool):
+    """Plain torch math with `row_losses`' contract: per-row losses into `losses`; with_grad overwrites logits."""
+    _check(logits, targets)
     compute = torch.promote_types(logits.dtype, torch.float32)
     x = logits.to(compute)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     lse = torch.logsumexp(x, dim=-1)
-    losses = torch.where(valid, lse - x.gather(1, safe[:, None])[:, 0], torch.zeros_like(lse))
-    return x, lse, valid, safe, losses
+    losses.copy_(torch.where(valid, lse - x.gather(1, safe[:, None])[:, 0], torch.zeros_like(lse)))
+    if with_grad:
+        grad = torch.exp(x - lse[:, None])
+        grad[torch.arange(x.shape[0], device=x.device), safe] -= 1.0
+        scale = grad_scale.to(x) if isinstance(grad_scale, torch.Tensor) else grad_scale
+        grad *= valid[:, None].to(compute) * scale
+        logits.copy_(grad)
 
 
-def reference_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
-    """Plain torch math in fp32 (fp64 for fp64 logits): (loss_sum, n_valid)."""
-    _check(logits, targets)
-    _, _, valid, _, losses = _reference_rows(logits, targets, ignore_index)
-    return losses.sum(), valid.sum()
+def reference_sum_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    return losses.sum(), (targets != ignore_index).sum()
 
 
 def reference_forward_backward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, grad_scale=1.0):
-    """Plain torch math: the oracle for tests and the CPU path. Overwrites logits with dlogits * grad_scale."""
-    _check(logits, targets)
-    x, lse, valid, safe, losses = _reference_rows(logits, targets, ignore_index)
-    grad = torch.exp(x - lse[:, None])
-    grad[torch.arange(x.shape[0], device=x.device), safe] -= 1.0
-    scale = grad_scale.to(x) if isinstance(grad_scale, torch.Tensor) else grad_scale
-    grad *= valid[:, None].to(x.dtype) * scale
-    logits.copy_(grad)
-    return losses.sum(), valid.sum()
+    """Plain torch math in fp32 (fp64 for fp64 logits): the oracle for tests and the CPU path.
+    Overwrites logits with dlogits * grad_scale; returns (loss_sum, n_valid)."""
+    losses = torch.empty(logits.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    reference_row_losses(logits, targets, ignore_index, grad_scale, losses, with_grad=True)
+    return reference_sum_losses(losses, targets, ignore_index)
+
+
+def reference_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """Plain torch math: (loss_sum, n_valid); logits are left unchanged."""
+    losses = torch.empty(logits.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    reference_row_losses(logits, targets, ignore_index, 1.0, losses, with_grad=False)
+    return reference_sum_losses(losses, targets, ignore_index)
 
 
 cross_entropy_forward_backward = dispatch(forward_backward, reference_forward_backward)

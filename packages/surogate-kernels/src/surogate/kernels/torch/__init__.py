@@ -5,6 +5,7 @@ CUDA tensors run the Numba kernels; CPU tensors run the torch reference, so the 
 
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss
 from .fused_add_rms_norm import FusedAddRMSNorm, FusedAddRMSNormFunction
+from .fused_linear_cross_entropy import LinearCrossEntropyFunction, LinearCrossEntropyLoss
 from .rms_norm import RMSNorm, RMSNormFunction
 from .swiglu import SwiGLU, SwiGLUFunction
 
@@ -13,6 +14,8 @@ __all__ = [
     "CrossEntropyLoss",
     "FusedAddRMSNorm",
     "FusedAddRMSNormFunction",
+    "LinearCrossEntropyFunction",
+    "LinearCrossEntropyLoss",
     "RMSNorm",
     "RMSNormFunction",
     "SwiGLU",
