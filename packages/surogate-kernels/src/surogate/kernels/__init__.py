@@ -7,6 +7,7 @@ tensors; `surogate.kernels.torch` wraps them as autograd Functions and nn.Module
 from .__about__ import __version__
 from ._runtime import SIMULATOR, Kernel
 from .ops.cross_entropy import cross_entropy_forward_backward, cross_entropy_loss
+from .ops.embedding import embedding_backward, embedding_forward
 from .ops.fused_add_rms_norm import fused_add_rms_norm_backward, fused_add_rms_norm_forward
 from .ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from .ops.rms_norm import rms_norm_backward, rms_norm_forward
@@ -18,6 +19,8 @@ __all__ = [
     "__version__",
     "cross_entropy_forward_backward",
     "cross_entropy_loss",
+    "embedding_backward",
+    "embedding_forward",
     "fused_add_rms_norm_backward",
     "fused_add_rms_norm_forward",
     "fused_linear_cross_entropy",

@@ -4,6 +4,7 @@ CUDA tensors run the Numba kernels; CPU tensors run the torch reference, so the 
 """
 
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss
+from .embedding import Embedding, EmbeddingFunction
 from .fused_add_rms_norm import FusedAddRMSNorm, FusedAddRMSNormFunction
 from .fused_linear_cross_entropy import LinearCrossEntropyFunction, LinearCrossEntropyLoss
 from .rms_norm import RMSNorm, RMSNormFunction
@@ -12,6 +13,8 @@ from .swiglu import SwiGLU, SwiGLUFunction
 __all__ = [
     "CrossEntropyFunction",
     "CrossEntropyLoss",
+    "Embedding",
+    "EmbeddingFunction",
     "FusedAddRMSNorm",
     "FusedAddRMSNormFunction",
     "LinearCrossEntropyFunction",
