@@ -78,13 +78,25 @@ def test_module_matches_float64_autograd(generator):
 @pytest.mark.parametrize(
     "rows,n,dtype",
     [
-        (3, 37, torch.float32),
+        (3, 37, torch.float32),  # odd I: one value per load
         (3, 37, torch.bfloat16),
-        (2, 1100, torch.float32),  # two column blocks of 256 threads x 4 columns (the simulator takes ~3 s)
+        (3, 36, torch.bfloat16),  # 8-byte words of 4 bf16
+        (2, 1100, torch.float32),  # words of 2 fp32, two column blocks of 256 threads x 2 words (~3 s here)
     ],
 )
 def test_kernel_in_simulator(rows, n, dtype, generator):
     check(swiglu.forward, swiglu.backward, rows, n, dtype, generator)
+
+
+@pytest.mark.sim
+def test_kernel_misaligned_in_simulator(generator):
+    # a view starting 2 bytes into its storage cannot be read as 8-byte words: the one-value path must take it
+    gate_up, dh = inputs(2, 36, torch.bfloat16, generator)
+    shifted = torch.empty(gate_up.numel() + 1, dtype=torch.bfloat16)[1:].view(gate_up.shape)
+    shifted.copy_(gate_up)
+    h64, d64 = float64_truth(gate_up, dh)
+    assert_close(swiglu.forward(shifted), h64, torch.bfloat16, "h")
+    assert_close(swiglu.backward(dh, shifted), d64, torch.bfloat16, "d_gate_up")
 
 
 @pytest.mark.gpu

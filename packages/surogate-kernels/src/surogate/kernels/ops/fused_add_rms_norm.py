@@ -6,8 +6,11 @@ fp32 accumulation; bf16 or fp32 in and out; rstd saved in fp32.
 Backward: dh_total = rstd * (w*dy - h * rstd^2 * mean(w*dy*h)) + dh, formed in fp32 and rounded once; it is the
 gradient of both residual and x. dh (the gradient reaching h from the residual stream) may be None.
 dw = sum over rows of dy * h * rstd, deterministic: per-block fp32 partial rows, then rms_norm's column reduction.
-Shapes: any number of rows, hidden size up to 8192 (rms_norm.MAX_PER_THREAD * 1024), odd sizes included; one block
-per row, each thread keeping its values of the row in registers (one read of every input, one write of every output).
+Shapes: any number of rows, hidden size up to 8192 (VALUES_PER_THREAD * 1024), odd sizes included. One block per row
+(the backward: blocks loop over rows); each thread keeps its VALUES_PER_THREAD values of the row in registers, so every
+input is read once and every output written once. Values travel as 8-byte words (4 bf16 or 2 fp32, _packed.py) when the
+hidden size is a multiple of 4 / 2 and the tensors are 8-byte aligned (else one value per load); each thread issues
+all its loads of a row before it computes.
 """
 
 from __future__ import annotations
@@ -15,102 +18,137 @@ from __future__ import annotations
 import math
 
 import torch
-from numba import cuda, float32
+from numba import cuda, float32, types
 
-from .._runtime import REDUCE_SLOTS, block_sum, dispatch, kernels_per_dtype, sm_count
-from .rms_norm import MAX_PER_THREAD, _threads_for, column_sum
+from .._packed import as_words, kernels_per_codec, per_word
+from .._runtime import REDUCE_SLOTS, block_sum, ceil_div, dispatch, round_up, sm_count
+from .rms_norm import column_sum
+
+VALUES_PER_THREAD = 8  # 1024 threads x 8 values cover a hidden size of 8192 in one pass
+
+
+def _threads_for(n_cols: int) -> int:
+    if n_cols > VALUES_PER_THREAD * 1024:
+        raise ValueError(f"fused_add_rms_norm supports a hidden size up to {VALUES_PER_THREAD * 1024}, got {n_cols}")
+    return min(1024, max(32, round_up(ceil_div(n_cols, VALUES_PER_THREAD), 32)))
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
-def _make_forward(load, store):
+def _make_forward(codec):
+    P = codec.per_word
+    W = VALUES_PER_THREAD // P
+    unpack, pack = codec.unpack, codec.pack
+    word = getattr(types, codec.word)
+
     def fused_add_rms_norm_fwd(residual, x, w, y, h, rstd, eps):
+        """residual, x, y, h: [rows, n] words of P values; w: [n] words."""
         row = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         stride = cuda.blockDim.x
         n = x.shape[1]
         scratch = cuda.shared.array(REDUCE_SLOTS, float32)
-        vals = cuda.local.array(MAX_PER_THREAD, float32)
-        sum_sq = float32(0.0)
-        for k in range(MAX_PER_THREAD):
+        rw = cuda.local.array(W, word)
+        xw = cuda.local.array(W, word)
+        vals = cuda.local.array(VALUES_PER_THREAD, float32)
+        for k in range(W):
             i = tid + k * stride
-            v = float32(0.0)
             if i < n:
-                rounded = store(load(residual[row, i]) + load(x[row, i]))
-                h[row, i] = rounded
-                v = load(rounded)
-            vals[k] = v
-            sum_sq += v * v
+                rw[k] = residual[row, i]
+                xw[k] = x[row, i]
+        sum_sq = float32(0.0)
+        for k in range(W):
+            i = tid + k * stride
+            if i < n:
+                for j in range(P):
+                    vals[k * P + j] = unpack(rw[k], j) + unpack(xw[k], j)
+                hw = pack(vals, k * P)  # h rounded once; the norm is of the rounded values
+                h[row, i] = hw
+                for j in range(P):
+                    v = unpack(hw, j)
+                    vals[k * P + j] = v
+                    sum_sq += v * v
         total = block_sum(sum_sq, scratch)
-        r = float32(1.0) / math.sqrt(total / float32(n) + eps)
+        r = float32(1.0) / math.sqrt(total / float32(n * P) + eps)
         if tid == 0:
             rstd[row] = r
-        for k in range(MAX_PER_THREAD):
+        for k in range(W):
             i = tid + k * stride
             if i < n:
-                y[row, i] = store(vals[k] * r * load(w[i]))
+                ww = w[i]
+                for j in range(P):
+                    vals[k * P + j] = vals[k * P + j] * r * unpack(ww, j)
+                y[row, i] = pack(vals, k * P)
 
     return fused_add_rms_norm_fwd
 
 
-def _make_backward(load, store, with_dh: bool):
+def _make_backward(codec, with_dh: bool):
+    P = codec.per_word
+    W = VALUES_PER_THREAD // P
+    unpack, pack = codec.unpack, codec.pack
+
     def fused_add_rms_norm_bwd(dy, dh, h, w, rstd, dh_total, dw_partial):
-        """`with_dh` is fixed at compile time; without it, `dh` is an unread placeholder."""
+        """dy, dh, h, dh_total: [rows, n] words; w: [n] words; dw_partial: fp32 [blocks, n * P].
+        `with_dh` is fixed at compile time; without it, `dh` is an unread placeholder."""
         tid = cuda.threadIdx.x
         stride = cuda.blockDim.x
         n = h.shape[1]
         scratch = cuda.shared.array(REDUCE_SLOTS, float32)
-        hs = cuda.local.array(MAX_PER_THREAD, float32)
-        parts = cuda.local.array(MAX_PER_THREAD, float32)  # r * w * dy + dh: all of dh_total but the mean term
-        dw_acc = cuda.local.array(MAX_PER_THREAD, float32)
-        for k in range(MAX_PER_THREAD):
+        hs = cuda.local.array(VALUES_PER_THREAD, float32)
+        parts = cuda.local.array(VALUES_PER_THREAD, float32)  # r * w * dy + dh: dh_total but for the mean term
+        dw_acc = cuda.local.array(VALUES_PER_THREAD, float32)
+        for k in range(VALUES_PER_THREAD):
             dw_acc[k] = float32(0.0)
         for row in range(cuda.blockIdx.x, h.shape[0], cuda.gridDim.x):
             r = rstd[row]
             dot = float32(0.0)
-            for k in range(MAX_PER_THREAD):
-                i = tid + k * stride
-                hv = float32(0.0)
-                gv = float32(0.0)
-                part = float32(0.0)
-                if i < n:
-                    hv = load(h[row, i])
-                    g = load(dy[row, i])
-                    gv = g * load(w[i])
-                    part = r * gv
-                    if with_dh:
-                        part += load(dh[row, i])
-                    dw_acc[k] += g * hv * r
-                hs[k] = hv
-                parts[k] = part
-                dot += gv * hv
-            c = block_sum(dot, scratch) * r * r * r / float32(n)
-            for k in range(MAX_PER_THREAD):
+            # no stores in this loop: the compiler issues all its loads before their values are needed
+            for k in range(W):
                 i = tid + k * stride
                 if i < n:
-                    dh_total[row, i] = store(parts[k] - hs[k] * c)
-        for k in range(MAX_PER_THREAD):
+                    g_word = dy[row, i]
+                    h_word = h[row, i]
+                    w_word = w[i]
+                    dh_word = dh[row, i] if with_dh else g_word
+                    for j in range(P):
+                        g = unpack(g_word, j)
+                        hv = unpack(h_word, j)
+                        gv = g * unpack(w_word, j)
+                        part = r * gv
+                        if with_dh:
+                            part += unpack(dh_word, j)
+                        dw_acc[k * P + j] += g * hv * r
+                        hs[k * P + j] = hv
+                        parts[k * P + j] = part
+                        dot += gv * hv
+            c = block_sum(dot, scratch) * r * r * r / float32(n * P)
+            for k in range(W):
+                i = tid + k * stride
+                if i < n:
+                    for j in range(P):
+                        parts[k * P + j] -= hs[k * P + j] * c
+                    dh_total[row, i] = pack(parts, k * P)
+        for k in range(W):
             i = tid + k * stride
             if i < n:
-                dw_partial[cuda.blockIdx.x, i] = dw_acc[k]
+                for j in range(P):
+                    dw_partial[cuda.blockIdx.x, i * P + j] = dw_acc[k * P + j]
 
     return fused_add_rms_norm_bwd
 
 
-_BACKWARD_SIGNATURE = "void({t}[:, ::1], {t}[:, ::1], {t}[:, ::1], {t}[::1], float32[::1], {t}[:, ::1], float32[:, ::1])"
-_forward = kernels_per_dtype(
+_BACKWARD_SIGNATURE = "void({w}[:, ::1], {w}[:, ::1], {w}[:, ::1], {w}[::1], float32[::1], {w}[:, ::1], float32[:, ::1])"
+_forward = kernels_per_codec(
     _make_forward,
-    "void({t}[:, ::1], {t}[:, ::1], {t}[::1], {t}[:, ::1], {t}[:, ::1], float32[::1], float32)",
+    "void({w}[:, ::1], {w}[:, ::1], {w}[::1], {w}[:, ::1], {w}[:, ::1], float32[::1], float32)",
     "fused_add_rms_norm_fwd",
     launch_bounds=1024,
 )
-_backward = kernels_per_dtype(
-    lambda load, store: _make_backward(load, store, with_dh=True),
-    _BACKWARD_SIGNATURE,
-    "fused_add_rms_norm_bwd",
-    launch_bounds=1024,
+_backward = kernels_per_codec(
+    lambda codec: _make_backward(codec, with_dh=True), _BACKWARD_SIGNATURE, "fused_add_rms_norm_bwd", launch_bounds=1024
 )
-_backward_no_dh = kernels_per_dtype(
-    lambda load, store: _make_backward(load, store, with_dh=False),
+_backward_no_dh = kernels_per_codec(
+    lambda codec: _make_backward(codec, with_dh=False),
     _BACKWARD_SIGNATURE,
     "fused_add_rms_norm_bwd_no_dh",
     launch_bounds=1024,
@@ -139,7 +177,9 @@ def forward(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: 
     h = torch.empty_like(x2)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.shape[0]:
-        _forward[x.dtype].launch(x2.shape[0], _threads_for(n_cols), (r2, x2, weight, y, h, rstd, eps))
+        tensors = (r2, x2, weight, y, h)
+        p = min(per_word(t, n_cols) for t in tensors)
+        _forward[x.dtype, p].launch(x2.shape[0], _threads_for(n_cols), tuple(as_words(t, p) for t in tensors) + (rstd, eps))
     return y.view(x.shape), h.view(x.shape), rstd
 
 
@@ -162,7 +202,9 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
     partial = torch.empty(blocks, n_cols, dtype=torch.float32, device=h.device)
     if rows:
         kernels = _backward_no_dh if dh is None else _backward
-        kernels[h.dtype].launch(blocks, threads, (dy2, dh2, h2, weight, rstd, dh_total, partial))
+        p = min(per_word(t, n_cols) for t in (dy2, dh2, h2, weight, dh_total))
+        dy_w, dh_w, h_w, weight_w, dh_total_w = (as_words(t, p) for t in (dy2, dh2, h2, weight, dh_total))
+        kernels[h.dtype, p].launch(blocks, threads, (dy_w, dh_w, h_w, weight_w, rstd, dh_total_w, partial))
         column_sum(partial, dweight)
     else:
         dweight.zero_()

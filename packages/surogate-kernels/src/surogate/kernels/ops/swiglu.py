@@ -3,10 +3,12 @@
 Numerics: fp32 math (sigmoid(g) = 1 / (1 + exp(-g)) with the accurate expf); bf16 or fp32 in and out, rounded once.
 Backward: with s = sigmoid(g): d_gate = dh * up * s * (1 + g * (1 - s)), d_up = dh * g * s, written to a new
 d_gate_up [rows, 2*I] laid out like gate_up.
-Shapes: any number of rows, any I (odd included). Elementwise and bandwidth-bound: each thread loads
-ELEMENTS_PER_THREAD columns of a row before it computes (independent loads in flight), a warp's loads are coalesced;
-grid = (column blocks covering a row, row blocks looping over the rows). launch_bounds (256, 8) holds the kernels to
-32 registers, so 2048 threads fit on an SM (full occupancy keeps enough loads in flight for HBM).
+Shapes: any number of rows, any I (odd included). Elementwise and bandwidth-bound: values travel as 8-byte words
+(4 bf16 or 2 fp32, _packed.py) when I is a multiple of 4 (bf16) / 2 (fp32) and the tensors are 8-byte aligned, else
+one value per load. Each thread loads all its words of a row (WORDS[P] of gate, of up, and of dh) before it computes,
+so several independent loads are in flight; a warp's loads are coalesced. grid = (column blocks covering a row, row
+blocks looping over the rows). launch_bounds hold the forward to 32 registers (2048 threads an SM) and the backward,
+with 3 inputs, to 40 (1536 threads; at 32 it spilled): each keeps 48-64 KB of loads in flight per SM.
 """
 
 from __future__ import annotations
@@ -14,90 +16,102 @@ from __future__ import annotations
 import math
 
 import torch
-from numba import cuda, float32
+from numba import cuda, float32, types
 
-from .._runtime import ceil_div, dispatch, kernels_per_dtype, round_up, sm_count
+from .._packed import as_words, kernels_per_codec, per_word
+from .._runtime import ceil_div, dispatch, round_up, sm_count
 
-ELEMENTS_PER_THREAD = 4
+WORDS = {1: 4, 2: 2, 4: 2}  # words per thread and tensor: 8-16 bytes in flight from each input
 MAX_THREADS = 256
-MIN_BLOCKS_PER_SM = 8  # 8 x 256 threads: a full H100 SM
+MIN_BLOCKS_PER_SM = {"forward": 8, "backward": 6}  # 8 x 256 threads: a full H100 SM
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y; blocks loop over the rows beyond
 
 
-def _threads_for(n_cols: int) -> int:
-    return min(MAX_THREADS, max(32, round_up(ceil_div(n_cols, ELEMENTS_PER_THREAD), 32)))
+def _threads_for(n_words: int, p: int) -> int:
+    return min(MAX_THREADS, max(32, round_up(ceil_div(n_words, WORDS[p]), 32)))
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
-def _make_forward(load, store):
+def _make_forward(codec):
+    P = codec.per_word
+    W = WORDS[P]
+    unpack, pack = codec.unpack, codec.pack
+    word = getattr(types, codec.word)
+
     def swiglu_fwd(gate_up, h):
+        """gate_up [rows, 2n] and h [rows, n] in words of P values."""
         n = h.shape[1]
         stride = cuda.blockDim.x
-        first = cuda.blockIdx.x * stride * ELEMENTS_PER_THREAD + cuda.threadIdx.x
-        gs = cuda.local.array(ELEMENTS_PER_THREAD, float32)
-        us = cuda.local.array(ELEMENTS_PER_THREAD, float32)
+        first = cuda.blockIdx.x * stride * W + cuda.threadIdx.x
+        gw = cuda.local.array(W, word)
+        uw = cuda.local.array(W, word)
+        vals = cuda.local.array(P, float32)
         row = cuda.blockIdx.y
         while row < h.shape[0]:  # a while loop: `range` with a runtime step costs a 64-bit division and registers
-            for k in range(ELEMENTS_PER_THREAD):
-                i = first + k * stride
-                g = float32(0.0)
-                u = float32(0.0)
-                if i < n:
-                    g = load(gate_up[row, i])
-                    u = load(gate_up[row, n + i])
-                gs[k] = g
-                us[k] = u
-            for k in range(ELEMENTS_PER_THREAD):
+            for k in range(W):
                 i = first + k * stride
                 if i < n:
-                    g = gs[k]
-                    s = float32(1.0) / (float32(1.0) + math.exp(-g))
-                    h[row, i] = store(g * s * us[k])
+                    gw[k] = gate_up[row, i]
+                    uw[k] = gate_up[row, n + i]
+            for k in range(W):
+                i = first + k * stride
+                if i < n:
+                    for j in range(P):
+                        g = unpack(gw[k], j)
+                        vals[j] = g / (float32(1.0) + math.exp(-g)) * unpack(uw[k], j)
+                    h[row, i] = pack(vals, 0)
             row += cuda.gridDim.y
 
     return swiglu_fwd
 
 
-def _make_backward(load, store):
+def _make_backward(codec):
+    P = codec.per_word
+    W = WORDS[P]
+    unpack, pack = codec.unpack, codec.pack
+    word = getattr(types, codec.word)
+
     def swiglu_bwd(dh, gate_up, d_gate_up):
         n = dh.shape[1]
         stride = cuda.blockDim.x
-        first = cuda.blockIdx.x * stride * ELEMENTS_PER_THREAD + cuda.threadIdx.x
-        ds = cuda.local.array(ELEMENTS_PER_THREAD, float32)
-        gs = cuda.local.array(ELEMENTS_PER_THREAD, float32)
-        us = cuda.local.array(ELEMENTS_PER_THREAD, float32)
+        first = cuda.blockIdx.x * stride * W + cuda.threadIdx.x
+        dw = cuda.local.array(W, word)
+        gw = cuda.local.array(W, word)
+        uw = cuda.local.array(W, word)
+        d_gate = cuda.local.array(P, float32)
+        d_up = cuda.local.array(P, float32)
         row = cuda.blockIdx.y
         while row < dh.shape[0]:
-            for k in range(ELEMENTS_PER_THREAD):
-                i = first + k * stride
-                d = float32(0.0)
-                g = float32(0.0)
-                u = float32(0.0)
-                if i < n:
-                    d = load(dh[row, i])
-                    g = load(gate_up[row, i])
-                    u = load(gate_up[row, n + i])
-                ds[k] = d
-                gs[k] = g
-                us[k] = u
-            for k in range(ELEMENTS_PER_THREAD):
+            for k in range(W):
                 i = first + k * stride
                 if i < n:
-                    g = gs[k]
-                    s = float32(1.0) / (float32(1.0) + math.exp(-g))
-                    d = ds[k]
-                    d_gate_up[row, i] = store(d * us[k] * s * (float32(1.0) + g * (float32(1.0) - s)))
-                    d_gate_up[row, n + i] = store(d * g * s)
+                    dw[k] = dh[row, i]
+                    gw[k] = gate_up[row, i]
+                    uw[k] = gate_up[row, n + i]
+            for k in range(W):
+                i = first + k * stride
+                if i < n:
+                    for j in range(P):
+                        g = unpack(gw[k], j)
+                        d = unpack(dw[k], j)
+                        s = float32(1.0) / (float32(1.0) + math.exp(-g))
+                        d_gate[j] = d * unpack(uw[k], j) * s * (float32(1.0) + g * (float32(1.0) - s))
+                        d_up[j] = d * g * s
+                    d_gate_up[row, i] = pack(d_gate, 0)
+                    d_gate_up[row, n + i] = pack(d_up, 0)
             row += cuda.gridDim.y
 
     return swiglu_bwd
 
 
-_forward = kernels_per_dtype(
-    _make_forward, "void({t}[:, ::1], {t}[:, ::1])", "swiglu_fwd", launch_bounds=(MAX_THREADS, MIN_BLOCKS_PER_SM)
+_forward = kernels_per_codec(
+    _make_forward, "void({w}[:, ::1], {w}[:, ::1])", "swiglu_fwd", launch_bounds=(MAX_THREADS, MIN_BLOCKS_PER_SM["forward"])
 )
-_backward = kernels_per_dtype(
-    _make_backward, "void({t}[:, ::1], {t}[:, ::1], {t}[:, ::1])", "swiglu_bwd", launch_bounds=(MAX_THREADS, MIN_BLOCKS_PER_SM)
+_backward = kernels_per_codec(
+    _make_backward,
+    "void({w}[:, ::1], {w}[:, ::1], {w}[:, ::1])",
+    "swiglu_bwd",
+    launch_bounds=(MAX_THREADS, MIN_BLOCKS_PER_SM["backward"]),
 )
 
 
@@ -109,11 +123,18 @@ def _check(gate_up: torch.Tensor):
         )
 
 
-def _grid(rows: int, n_cols: int, threads: int, device) -> tuple[int, int]:
-    col_blocks = ceil_div(n_cols, threads * ELEMENTS_PER_THREAD)
+def _word_size(n: int, *tensors: torch.Tensor) -> int:
+    """Values per word for all of `tensors` (rows of n values each half): the wide path only if all allow it."""
+    return min(per_word(t, n) for t in tensors)
+
+
+def _launch(kernels, n: int, rows: int, tensors: tuple[torch.Tensor, ...]):
+    p = _word_size(n, *tensors)
+    threads = _threads_for(n // p, p)
+    col_blocks = ceil_div(n // p, threads * WORDS[p])
     # About 32 blocks of MAX_THREADS per SM are enough to keep the memory system busy; rows beyond loop.
-    row_blocks = max(1, min(rows, MAX_GRID_Y, ceil_div(32 * sm_count(device), col_blocks)))
-    return col_blocks, row_blocks
+    row_blocks = max(1, min(rows, MAX_GRID_Y, ceil_div(32 * sm_count(tensors[0].device), col_blocks)))
+    kernels[tensors[0].dtype, p].launch((col_blocks, row_blocks), threads, tuple(as_words(t, p) for t in tensors))
 
 
 def forward(gate_up: torch.Tensor) -> torch.Tensor:
@@ -123,8 +144,7 @@ def forward(gate_up: torch.Tensor) -> torch.Tensor:
     gu = gate_up.reshape(-1, 2 * n).contiguous()
     h = torch.empty(gu.shape[0], n, dtype=gate_up.dtype, device=gate_up.device)
     if h.numel():
-        threads = _threads_for(n)
-        _forward[gate_up.dtype].launch(_grid(gu.shape[0], n, threads, gate_up.device), threads, (gu, h))
+        _launch(_forward, n, gu.shape[0], (gu, h))
     return h.view(*gate_up.shape[:-1], n)
 
 
@@ -139,8 +159,7 @@ def backward(dh: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     dh2 = dh.reshape(-1, n).contiguous()
     d_gu = torch.empty_like(gu)
     if d_gu.numel():
-        threads = _threads_for(n)
-        _backward[gate_up.dtype].launch(_grid(gu.shape[0], n, threads, gate_up.device), threads, (dh2, gu, d_gu))
+        _launch(_backward, n, gu.shape[0], (dh2, gu, d_gu))
     return d_gu.view(gate_up.shape)
 
 
