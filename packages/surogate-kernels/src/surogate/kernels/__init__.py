@@ -6,6 +6,7 @@ tensors; `surogate.kernels.torch` wraps them as autograd Functions and nn.Module
 
 from .__about__ import __version__
 from ._runtime import SIMULATOR, Kernel
+from .ops.bias_grad import bias_grad
 from .ops.cross_entropy import cross_entropy_forward_backward, cross_entropy_loss
 from .ops.embedding import embedding_backward, embedding_forward
 from .ops.fused_add_rms_norm import fused_add_rms_norm_backward, fused_add_rms_norm_forward
@@ -17,6 +18,7 @@ __all__ = [
     "SIMULATOR",
     "Kernel",
     "__version__",
+    "bias_grad",
     "cross_entropy_forward_backward",
     "cross_entropy_loss",
     "embedding_backward",
