@@ -6,6 +6,7 @@ tensors; `surogate.kernels.torch` wraps them as autograd Functions and nn.Module
 
 from .__about__ import __version__
 from ._runtime import SIMULATOR, Kernel
+from .ops.abs_max import abs_max
 from .ops.bias_grad import bias_grad
 from .ops.cross_entropy import cross_entropy_forward_backward, cross_entropy_loss
 from .ops.embedding import embedding_backward, embedding_forward
@@ -18,6 +19,7 @@ __all__ = [
     "SIMULATOR",
     "Kernel",
     "__version__",
+    "abs_max",
     "bias_grad",
     "cross_entropy_forward_backward",
     "cross_entropy_loss",

@@ -5,10 +5,11 @@ overwrites the logits (bf16 or fp32), so no [rows, V] gradient, and no fp32 copy
 Rows whose target is ignore_index get loss 0 and gradient 0. A target outside [0, V) gives a NaN loss on the GPU
 (raising would need a host sync); the CPU reference raises.
 
-Numerics: one block per row, read as 8-byte words (4 bf16 or 2 fp32 values: _packed.py) when V allows. Pass 1 reads the row once: each thread keeps a running max m and sum-exp s in fp32
-(rescaled when its max grows, once per UNROLL values), the block combines them (max, then rescaled sums) into
-lse = M + log(S). Pass 2 reads the row again and writes exp(x - lse) * grad_scale (minus grad_scale at the target),
-rounded once to the logits dtype. exp(d) is computed as exp2(d * log2 e) (ex2.approx on the GPU, ~2 ulp).
+Numerics: one block per row, read as 8-byte words (4 bf16 or 2 fp32 values: _packed.py) when V allows.
+Pass 1 reads the row once: each thread keeps a running max m and sum-exp s in fp32 (rescaled when its max grows,
+once per WORDS[P] words), the block combines them (max, then rescaled sums) into lse = M + log(S).
+Pass 2 reads the row again and writes exp(x - lse) * grad_scale (minus grad_scale at the target), rounded once to
+the logits dtype. exp(d) is computed as exp2(d * log2 e) (ex2.approx on the GPU, ~2 ulp).
 Per-row losses go to an fp32 buffer; one block then sums them and counts valid targets in a fixed order
 (deterministic, no atomics); loss_sum (fp32) and n_valid (int64) are 0-d device tensors: no host sync.
 grad_scale is a float or a 0-d fp32 device tensor (e.g. 1 / n_valid of the whole batch, computed on the device).
