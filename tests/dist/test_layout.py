@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from surogate.dist import FlatLayout
 
 GROUPS = [

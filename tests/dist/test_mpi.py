@@ -9,16 +9,20 @@ import importlib.util
 
 import numpy as np
 import pytest
-import torch
-
 import surogate.dist as sd
-
+import torch
 from _mpirun import NO_MPIEXEC, WORKERS, find_mpiexec, mpi_flavor, run_worker
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(find_mpiexec() is None, reason=NO_MPIEXEC)]
 
-RTOL = 1e-5  # fp32: relative-norm error of losses, grad norms and final weights
-CHECKPOINTS = ["full-0", "full-1", "lora-2", "full-3"]
+CHECKPOINTS = ["full-0", "full-1", "lora-2", "full-3", "bf16-2"]
+
+
+def rtol(config):
+    """Relative-norm tolerance of losses, grad norms and final weights: fp32 1e-5 (measured ~1e-7); bf16 5e-3
+    (measured <= 5e-4 on the CPU: the weights the model reads and the ZeRO 0-2 gradient buffers are bf16, and the
+    two runs round different partial sums)."""
+    return 5e-3 if config.startswith("bf16") else 1e-5
 
 
 def load_worker(name):
@@ -57,21 +61,23 @@ def one_rank():
 def test_two_ranks_equal_one_rank_with_twice_the_batch(two_ranks, one_rank, config):
     got = np.load(two_ranks / f"{config}.npz")
     want = one_rank[config]
-    assert rel(got["losses"], want["losses"]) < RTOL, (got["losses"], want["losses"])
-    assert rel(got["norms"], want["norms"]) < RTOL, (got["norms"], want["norms"])
-    assert rel(got["final"], want["final"]) < RTOL
+    tol = rtol(config)
+    assert rel(got["losses"], want["losses"]) < tol, (got["losses"], want["losses"])
+    assert rel(got["norms"], want["norms"]) < tol, (got["norms"], want["norms"])
+    assert rel(got["final"], want["final"]) < tol
     # the run trained: weights moved well beyond the tolerance
     start, _ = eq.initial_weights(config.rsplit("-", 1)[0])
-    assert rel(want["final"], start.numpy()) > 100 * RTOL
+    assert rel(want["final"], start.numpy()) > 10 * tol
 
 
 @pytest.mark.parametrize("config", [c for c in eq.CONFIGS if not c.endswith("-0")])
 def test_zero_levels_equal_plain_data_parallel_at_world_size_one(one_rank, config):
     model = config.rsplit("-", 1)[0]
     base = one_rank[("full" if model == "module" else model) + "-0"]
-    assert rel(one_rank[config]["final"], base["final"]) < RTOL
-    assert rel(one_rank[config]["losses"], base["losses"]) < RTOL
-    assert rel(one_rank[config]["norms"], base["norms"]) < RTOL
+    tol = rtol(config)
+    assert rel(one_rank[config]["final"], base["final"]) < tol
+    assert rel(one_rank[config]["losses"], base["losses"]) < tol
+    assert rel(one_rank[config]["norms"], base["norms"]) < tol
 
 
 @pytest.mark.parametrize("config", CHECKPOINTS)

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import surogate.dist as sd
+import torch
 from surogate.dist import _safetensors
 
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
@@ -68,9 +67,9 @@ def test_abort_on_error_reraises_outside_mpi(monkeypatch):
         raise ValueError("boom")
 
 
-def make(world, zero, sizes=(10, 0, 33), bucket_numel=16):
+def make(world, zero, sizes=(10, 0, 33), bucket_numel=16, dtype=torch.float32):
     layout = sd.FlatLayout(list(sizes), world.world_size, bucket_numel=bucket_numel)
-    params = layout.from_canonical(torch.randn(layout.canonical_numel))
+    params = layout.from_canonical(torch.randn(layout.canonical_numel).to(dtype))
     grads = torch.zeros_like(params) if zero < 3 else None
     return sd.DataParallel(world, layout, params, grads, zero=zero, make_state=adam_state)
 
@@ -101,20 +100,30 @@ def test_engine_misuse_is_reported(world):
         dp.grad_ready(0)
 
 
+def sgd(master, grads, state, work):
+    master.add_(grads.float(), alpha=-0.1)
+    if work is not None:
+        work.copy_(master)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_step_updates_what_the_model_reads(world, zero):
-    """One micro-step with a known gradient and an SGD step_fn: the weights move by -lr * grad at every level."""
-    dp = make(world, zero)
-    before = torch.cat([dp.gather(g).clone() for g in range(3)])
-    grad = torch.randn(before.numel())
+def test_step_updates_what_the_model_reads(world, zero, dtype, generator):
+    """One micro-step with a known gradient and an SGD step_fn: the weights move by -lr * grad at every level;
+    with bf16 weights the model reads the new fp32 master rounded to bf16."""
+    dp = make(world, zero, dtype=dtype)
+    before = dp.full_master()
+    assert torch.equal(torch.cat([dp.gather(g) for g in range(3)]), before.to(dtype))
+    grad = torch.randn(before.numel(), generator=generator)
     with dp.micro_step():
         for g in reversed(range(3)):
             dp.grad_buffer(g).add_(grad[dp.layout.canonical_span(g)])
             dp.grad_ready(g)
+    grad = grad.to(dtype).float() if zero < 3 else grad  # ZeRO 0-2 accumulate in the grads buffer's dtype
     torch.testing.assert_close(dp.grad_norm(), torch.linalg.vector_norm(grad))
-    dp.step(lambda p, g, s: p.add_(g, alpha=-0.1))
-    after = torch.cat([dp.gather(g) for g in range(3)])
-    torch.testing.assert_close(after, before - 0.1 * grad, rtol=0, atol=1e-6)
+    dp.step(sgd)
+    torch.testing.assert_close(dp.full_master(), before - 0.1 * grad, rtol=0, atol=1e-6)
+    assert torch.equal(torch.cat([dp.gather(g) for g in range(3)]), dp.full_master().to(dtype))
     dp.zero_grad()
     assert dp.grad_norm().item() == 0.0
 

@@ -9,7 +9,9 @@ Models (CONFIGS names are "<model>-<zero level>"):
   group); loss = sum of cross-entropy over unmasked rows / the global count of unmasked rows (gradients summed).
 - module: "full" as an nn.Module trained by autograd: parameters bound into the flat buffers (bind_parameters),
   bucket reductions launched by post-accumulate-grad hooks (ZeRO 0-2).
-full and lora run forward and backward layer by layer through dp.gather / prefetch / release / grad_buffer /
+- bf16: "full" with bf16 weights the model reads (and bf16 gradient buffers at ZeRO 0-2) over the fp32 master:
+  step_fn writes the rounded weights into `work`.
+full, lora and bf16 run forward and backward layer by layer through dp.gather / prefetch / release / grad_buffer /
 grad_ready, so every ZeRO level (3 included) takes the same code path; each step has 2 micro-steps, global-norm
 clipping and a plain AdamW step_fn. Rank 0 writes DIR/<config>.npz (losses, grad norms, final master weights).
 With --checkpoints, every config also round-trips its state through both checkpoint forms (asserted here) and
@@ -22,15 +24,14 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import surogate.dist as sd
 import torch
 import torch.nn.functional as F
-
-import surogate.dist as sd
 
 D, C, R, LAYERS = 12, 5, 2, 3
 STEPS, GA, GLOBAL_ROWS = 4, 2, 8  # GLOBAL_ROWS per micro-step, split over the ranks
 MAX_NORM = 0.5  # clips on some steps (grad norms here are ~0.3-1)
-CONFIGS = [f"{m}-{z}" for m in ("full", "lora") for z in (0, 1, 2, 3)] + [f"module-{z}" for z in (0, 1, 2)]
+CONFIGS = [f"{m}-{z}" for m in ("full", "lora", "bf16") for z in (0, 1, 2, 3)] + [f"module-{z}" for z in (0, 1, 2)]
 
 
 def group_sizes(model: str) -> list[int]:
@@ -75,6 +76,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def layer(model: str, i: int, x: torch.Tensor, w: torch.Tensor, frozen: dict) -> torch.Tensor:
+    w = w.float()  # bf16 weights compute in fp32
     if model == "lora":
         a, b = w[: R * D].view(R, D), w[R * D :].view(D, R)
         h = x @ frozen["W"][i].T + frozen["b"][i] + (x @ a.T) @ b.T
@@ -84,6 +86,7 @@ def layer(model: str, i: int, x: torch.Tensor, w: torch.Tensor, frozen: dict) ->
 
 
 def head(model: str, x: torch.Tensor, w: torch.Tensor, frozen: dict) -> torch.Tensor:
+    w = w.float()
     if model == "lora":
         return x @ frozen["Wh"].T + frozen["bh"]
     return x @ w[: C * D].view(C, D).T + w[C * D :]
@@ -148,12 +151,16 @@ class Mlp(torch.nn.Module):
         return x @ self.wh.T + self.bh
 
 
-def adamw_(p, g, s, t, lr=0.02, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1) -> None:
+def adamw_(p, g, s, work, t, lr=0.02, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1) -> None:
+    """Plain torch AdamW over flat buffers: fp32 master p, grads g (any float dtype), state s; work <- p."""
+    g = g.float()
     s["exp_avg"].lerp_(g, 1 - beta1)
     s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
     p.mul_(1 - lr * weight_decay)
     denom = (s["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(eps)
     p.addcdiv_(s["exp_avg"], denom, value=-lr / (1 - beta1**t))
+    if work is not None:
+        work.copy_(p)
 
 
 def adam_state(master: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -164,7 +171,8 @@ def build(world: sd.World, config: str, canonical: torch.Tensor):
     model, zero = config.rsplit("-", 1)
     zero = int(zero)
     layout = sd.FlatLayout(group_sizes(model), world.world_size, bucket_numel=bucket_numel(model, zero))
-    params = layout.from_canonical(canonical.to(world.device))
+    dtype = torch.bfloat16 if model == "bf16" else torch.float32
+    params = layout.from_canonical(canonical.to(world.device, dtype))
     grads = torch.zeros_like(params) if zero < 3 else None
     module = None
     if model == "module":
@@ -180,7 +188,9 @@ def train(world: sd.World, config: str) -> dict[str, np.ndarray] | None:
     """Trains one config; returns losses, grad norms and final master weights on rank 0 (None elsewhere)."""
     model = config.rsplit("-", 1)[0]
     canonical, frozen = initial_weights(model)
-    frozen = {k: [t.to(world.device) for t in v] if isinstance(v, list) else v.to(world.device) for k, v in frozen.items()}
+    frozen = {
+        k: [t.to(world.device) for t in v] if isinstance(v, list) else v.to(world.device) for k, v in frozen.items()
+    }
     dp, module = build(world, config, canonical)
     x_all, y_all, mask_all = (t.to(world.device) for t in data())
     rows = world.local_slice(GLOBAL_ROWS)
@@ -200,15 +210,19 @@ def train(world: sd.World, config: str) -> dict[str, np.ndarray] | None:
         loss = world.sum(total) if model == "lora" else world.mean(total)
         grad_norm = dp.grad_norm()
         clip = torch.clamp(MAX_NORM / (grad_norm + 1e-6), max=1.0)
-        dp.step(lambda p, g, s, t=step + 1: adamw_(p, g * clip, s, t))
+        dp.step(lambda p, g, s, w, t=step + 1, c=clip: adamw_(p, g * c, s, w, t))
         dp.zero_grad()
         losses.append(float(loss))
         norms.append(float(grad_norm))
     final = dp.full_master()
-    if dp.params is not None:  # ZeRO 0-2: what the model reads matches the master everywhere
-        here = dp.layout.to_canonical(dp.params).cpu()
-        mine = dp._to_canonical(dp.master, world.rank)
-        assert torch.equal(here, mine), f"{config}: params differ from the master weights on rank {world.rank}"
+    # what the model reads is the master, rounded to its dtype, on every rank
+    mine = dp._to_canonical(dp.master, world.rank)
+    here = (
+        dp.layout.to_canonical(dp.params)
+        if dp.params is not None
+        else torch.cat([dp.gather(g) for g in range(len(dp.layout.group_sizes))])
+    ).cpu()
+    assert torch.equal(here, mine.to(here.dtype)), f"{config}: weights differ from the master on rank {world.rank}"
     if world.is_main:
         return {"losses": np.array(losses), "norms": np.array(norms), "final": final.numpy()}
     return None
@@ -236,12 +250,13 @@ def checkpoint_round_trip(world: sd.World, config: str, out: Path) -> None:
         assert torch.equal(fresh.master, dp.master), f"{config} {form}: master differs after load"
         for name, t in dp.state.items():
             assert torch.equal(fresh.state[name], t), f"{config} {form}: state {name} differs after load"
-        if fresh.params is not None:
-            here = fresh.layout.to_canonical(fresh.params).cpu()
-            assert torch.equal(here, fresh._to_canonical(fresh.master, world.rank)), f"{config} {form}: params"
-        else:
-            w = torch.cat([fresh.gather(i).cpu() for i in range(len(fresh.layout.group_sizes))])
-            assert torch.equal(w, fresh._to_canonical(fresh.master, world.rank)), f"{config} {form}: gathered"
+        mine = fresh._to_canonical(fresh.master, world.rank)
+        here = (
+            fresh.layout.to_canonical(fresh.params)
+            if fresh.params is not None
+            else torch.cat([fresh.gather(g) for g in range(len(fresh.layout.group_sizes))])
+        ).cpu()
+        assert torch.equal(here, mine.to(here.dtype)), f"{config} {form}: the model's weights differ from the master"
     master = dp.full_master()
     if master is not None:
         np.save(out / f"ckpt-{config}-master.npy", master.numpy())

@@ -17,9 +17,8 @@ import signal
 import time
 from datetime import timedelta
 
-import torch
-
 import surogate.dist as sd
+import torch
 
 
 def main() -> None:

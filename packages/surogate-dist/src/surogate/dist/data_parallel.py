@@ -2,13 +2,16 @@
 
 Every rank runs the same model on its own rows; gradients are reduced over ranks bucket by bucket (FlatLayout),
 each bucket launched asynchronously as soon as its groups' gradients are complete (`grad_ready`), all waited
-for at the end of the micro-step. Reductions run in the gradient buffer's dtype (fp32); `average=True` divides
-by the world size (mean-reduced losses), `average=False` sums (the trainer already divided by the global token
-count). Optimizer math is the caller's `step_fn(master, grads, state)`, elementwise over flat fp32 buffers.
+for at the end of the micro-step. Reductions run in the gradient buffer's dtype (fp32 or the model's bf16; NCCL
+accumulates bf16 in fp32 per hop, rounding each partial sum to bf16); the ZeRO gradient shard is always fp32.
+`average=True` divides by the world size (mean-reduced losses), `average=False` sums (the trainer already
+divided by the global token count). Optimizer math is the caller's `step_fn(master, grads, state, work)`,
+elementwise over flat buffers: it updates the fp32 master and state in place and, when `work` is not None (the
+model reads another dtype, e.g. bf16), writes the new weights into `work` (rounded: nearest-even or stochastic).
 
 What each rank holds (N = parameters, W = ranks):
 
-    zero  params (model reads)  grads (fp32)                 master fp32 + optimizer state   reduction
+    zero  params (model reads)  grads                        master fp32 + optimizer state   reduction
     0     full                  full, all-reduced            full (params itself if fp32)    all-reduce, last micro-step
     1     full                  full + shard N/W             shard                           reduce-scatter, last micro-step
     2     full                  full scratch + shard N/W     shard                           reduce-scatter, every micro-step
@@ -34,7 +37,8 @@ from .layout import DEFAULT_BUCKET_NUMEL, FlatLayout
 from .sharded import ShardedParameters
 from .world import World
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None]
+# step_fn(master, grads, state, work): see the module docstring
+StepFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None], None]
 _MAX_INFLIGHT_ZERO3 = 2  # ZeRO-3 gradient scratch buckets in flight at once: bounds the scratch memory
 
 
@@ -89,8 +93,8 @@ class DataParallel:
         layout: FlatLayout(group_sizes, world.world_size, bucket_numel); `params`/`grads` are laid out by it.
         params: flat weights the model reads, `layout.numel` elements (fp32 or bf16), on world.device. At ZeRO-3
             only their shard is kept: drop your reference after construction.
-        grads: flat fp32 gradient buffer (`layout.numel`) the model accumulates into; None at ZeRO-3 (the engine
-            hands out per-bucket scratch through `grad_buffer`).
+        grads: flat gradient buffer (`layout.numel`, fp32 or bf16) the model accumulates into; None at ZeRO-3
+            (the engine hands out fp32 per-bucket scratch through `grad_buffer`).
         zero: 0 (plain data parallel), 1, 2 or 3.
         make_state: builds the optimizer state from the fp32 master (full or shard), e.g.
             `lambda p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}`.
@@ -133,14 +137,20 @@ class DataParallel:
         self.grads: torch.Tensor | None = grads
         self.grad_shard: torch.Tensor | None = None
         self.sharded: ShardedParameters | None = None
+        # `work`: where step_fn writes the new weights in the model's dtype (None when the model reads the fp32
+        # master itself): params (ZeRO-0), a shard that is then all-gathered (ZeRO-1/2), the ZeRO-3 shard.
+        self.work: torch.Tensor | None = None
         if zero == 0:
             self.master = params if params.dtype == torch.float32 else params.float()
+            if self.master is not params:
+                self.work = params
         else:
             self.master = layout.shard_of(params, world.rank).float()
             self.grad_shard = torch.zeros_like(self.master)
+            if params.dtype != torch.float32:
+                self.work = self.master.to(params.dtype)
         if zero == 3:
-            work = self.master if params.dtype == torch.float32 else self.master.to(params.dtype)
-            self.sharded = ShardedParameters(world, layout, work)
+            self.sharded = ShardedParameters(world, layout, self.master if self.work is None else self.work)
         self.state = make_state(self.master)
         if not isinstance(self.state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self.state.items()
@@ -304,23 +314,23 @@ class DataParallel:
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients (0-d fp32 on the device, no host sync)."""
         if self.zero == 0:
-            return torch.linalg.vector_norm(self.grads.float())
+            return torch.linalg.vector_norm(self.grads, dtype=torch.float32)
         sq = self.grad_shard.square().sum()
         if self.world.world_size > 1:
             tdist.all_reduce(sq)
         return sq.sqrt()
 
     def step(self, step_fn: StepFn) -> None:
-        """Run `step_fn(master, grads, state)` on this rank's part (ZeRO 0: everything; else the shard, with
-        the reduced gradient shard), then bring `params` up to date from the new master weights."""
+        """Run `step_fn(master, grads, state, work)` on this rank's part (ZeRO 0: everything; else the shard,
+        with the reduced gradient shard), then bring the weights the model reads up to date (ZeRO-1/2 all-gather
+        them into `params`). E.g. with the fused kernel (surogate.kernels.adamw_step):
+
+            dp.step(lambda m, g, s, w: adamw_step(m, g, s["exp_avg"], s["exp_avg_sq"], lr=lr, ..., work_params=w))
+
+        or plain torch: update m and s in place, then `if w is not None: w.copy_(m)`."""
         if self._in_micro:
             raise RuntimeError("step() is called after the micro_step blocks, not inside one")
-        if self.zero == 0:
-            step_fn(self.master, self.grads, self.state)
-            if self.master is not self.params:
-                self.params.copy_(self.master)
-            return
-        step_fn(self.master, self.grad_shard, self.state)
+        step_fn(self.master, self.grads if self.zero == 0 else self.grad_shard, self.state, self.work)
         self._publish()
 
     def zero_grad(self) -> None:
@@ -331,18 +341,20 @@ class DataParallel:
             self.grad_shard.zero_()
 
     def _publish(self) -> None:
-        """Master -> the weights the model reads: all-gather into params (ZeRO-1/2), refresh the shard (ZeRO-3)."""
+        """New weights (in `work`, or the master) -> what the model reads: all-gather into params (ZeRO-1/2),
+        drop stale gathered layers (ZeRO-3)."""
+        if self.zero == 0:
+            return
         if self.zero == 3:
-            if self.sharded.shard is not self.master:
-                self.sharded.shard.copy_(self.master)
             self.sharded.release_all()
             return
+        source = self.master if self.work is None else self.work
         handles = []
         for bucket in self.layout.buckets:
             if bucket.numel == 0:
                 continue
             full = self.params[bucket.span]
-            full.view(self.world.world_size, -1)[self.world.rank].copy_(self.master[bucket.shard_span])
+            full.view(self.world.world_size, -1)[self.world.rank].copy_(source[bucket.shard_span])
             handles.append(all_gather_(self.world, full))
         for h in handles:
             h.wait()
@@ -369,11 +381,9 @@ class DataParallel:
         from .checkpoint import load_state  # noqa: PLC0415
 
         load_state(self, Path(directory))
-        if self.zero == 0:
-            if self.master is not self.params:
-                self.params.copy_(self.master)
-        else:
-            self._publish()
+        if self.work is not None:
+            self.work.copy_(self.master)
+        self._publish()
 
     def _to_canonical(self, part: torch.Tensor, dst: int) -> torch.Tensor | None:
         """A master-shaped tensor (full at ZeRO 0, shard otherwise) -> canonical order on rank dst's CPU."""
