@@ -90,3 +90,18 @@ def test_bf16_runs_close_to_fp32(folders, generator):
     assert rel_err(ours(ids, pos), ref_logits) < 5e-2
     ours.loss(ids, labels, pos).backward()
     compare_grads(ours, hf, 5e-2)
+
+
+def test_explicit_cu_seqlens_equal_position_id_documents(folders, generator):
+    """Callers capturing CUDA graphs pass cu_seqlens (padded with empty documents); same result as finding the
+    documents from position ids."""
+    _, path = folders["qwen3"]
+    ours = load_pretrained(path, dtype=torch.float32)
+    ids, labels, pos, docs = packed_inputs(generator, ROWS["packed"])
+    starts = [r * 24 + s for r, s, _ in docs]
+    cu = torch.tensor(starts + [48] * (8 - len(starts)), dtype=torch.int32)  # 5 documents padded to 7
+    a, n_a = ours.loss_sum(ids, labels, pos)
+    b, n_b = ours.loss_sum(ids, labels, pos, cu_seqlens=cu)
+    assert n_a == n_b and abs(a.item() - b.item()) < 1e-6 * a.item()
+    whole = ours.loss_sum(ids, labels, pos, cu_seqlens=torch.tensor([0, 24, 48], dtype=torch.int32))[0]
+    assert abs(whole.item() - a.item()) > 1e-3 * a.item()  # the documents matter

@@ -155,7 +155,7 @@ class CausalLM(nn.Module):
         return (self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0
                 and d <= 256)  # fmt: skip
 
-    def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
+    def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cu_seqlens=None):
         """-> final-norm hidden states [batch * seq, C] and the (batch, seq) shape."""
         if input_ids.dim() not in (1, 2):
             raise ValueError(f"input_ids must be [batch, seq] or [seq], got shape {list(input_ids.shape)}")
@@ -168,7 +168,7 @@ class CausalLM(nn.Module):
                 raise ValueError(f"position_ids shape {list(position_ids.shape)} != input_ids {[batch, seq]}")
         device = self.device
         flash = self._uses_flash()
-        docs = build_documents(batch, seq, position_ids, device, flash)
+        docs = build_documents(batch, seq, position_ids, device, flash, cu_seqlens)
         lora = self.lora_config
         bc = BlockContext(
             config=self.config, docs=docs, inv_freq=self.inv_freq, recompute=self.recompute, flash=flash,
@@ -186,10 +186,16 @@ class CausalLM(nn.Module):
         hidden = FinalNorm.apply(residual, delta, self.model.norm.weight, self.config.rms_norm_eps)
         return hidden, (batch, seq), input_ids.dim() == 1
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab] ([seq, vocab] for 1-D input), in the model dtype. For small inputs: the
-        loss methods never build the full logits."""
-        hidden, (batch, seq), flat = self._hidden(input_ids, position_ids)
+        loss methods never build the full logits.
+
+        position_ids [batch, seq]: RoPE positions; a reset (any jump) starts a new packed document, and attention
+        never crosses documents. cu_seqlens (optional, int32, on the device): the documents over the flattened
+        tokens, given by callers that capture CUDA graphs (a start at every row start; may be padded at the end
+        with repeats of the token count): no host sync then."""
+        hidden, (batch, seq), flat = self._hidden(input_ids, position_ids, cu_seqlens)
         logits = F.linear(hidden, self._head_weight())
         return logits.view(seq, -1) if flat else logits.view(batch, seq, -1)
 
@@ -198,18 +204,18 @@ class CausalLM(nn.Module):
             raise ValueError(f"labels has {labels.numel()} elements, input_ids {rows}: they must match")
         return labels.reshape(-1).to(device=self.device, dtype=torch.int64)
 
-    def loss(self, input_ids, labels, position_ids=None, grad_scale=1.0) -> torch.Tensor:
+    def loss(self, input_ids, labels, position_ids=None, grad_scale=1.0, *, cu_seqlens=None) -> torch.Tensor:
         """Mean cross-entropy over valid tokens (labels != -100; labels[t] is predicted from tokens <= t).
         The value is the plain mean; its gradient is grad_scale * d(mean) (grad_scale: float or 0-d tensor)."""
-        hidden, _, _ = self._hidden(input_ids, position_ids)
+        hidden, _, _ = self._hidden(input_ids, position_ids, cu_seqlens)
         loss, _ = FusedLoss.apply(hidden, self._head_weight(), self._targets(labels, hidden.shape[0]), True,
                                   grad_scale)
         return loss
 
-    def loss_sum(self, input_ids, labels, position_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_sum(self, input_ids, labels, position_ids=None, *, cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of cross-entropy over valid tokens (fp32 0-d), number of valid tokens (int64 0-d)); for gradient
         accumulation normalised by the valid tokens of all micro-batches: (loss_sum / total).backward()."""
-        hidden, _, _ = self._hidden(input_ids, position_ids)
+        hidden, _, _ = self._hidden(input_ids, position_ids, cu_seqlens)
         return FusedLoss.apply(hidden, self._head_weight(), self._targets(labels, hidden.shape[0]), False, 1.0)
 
     # ------------------------------------------------------------------------------------------ LoRA
