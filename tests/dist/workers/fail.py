@@ -25,9 +25,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["raise", "exit", "kill", "hang"], required=True)
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     with sd.abort_on_error():
-        world = sd.init("cpu", timeout=timedelta(seconds=args.timeout))
+        world = sd.init(args.device, timeout=timedelta(seconds=args.timeout))
         world.barrier()
         if world.rank == 1:
             if args.mode == "raise":
