@@ -7,6 +7,7 @@ tensors; `surogate.kernels.torch` wraps them as autograd Functions and nn.Module
 from .__about__ import __version__
 from ._runtime import SIMULATOR, Kernel
 from .ops.abs_max import abs_max
+from .ops.adamw import adamw_step, clip_scale, global_grad_norm
 from .ops.bias_grad import bias_grad
 from .ops.cross_entropy import cross_entropy_forward_backward, cross_entropy_loss
 from .ops.embedding import embedding_backward, embedding_forward
@@ -20,7 +21,9 @@ __all__ = [
     "Kernel",
     "__version__",
     "abs_max",
+    "adamw_step",
     "bias_grad",
+    "clip_scale",
     "cross_entropy_forward_backward",
     "cross_entropy_loss",
     "embedding_backward",
@@ -28,6 +31,7 @@ __all__ = [
     "fused_add_rms_norm_backward",
     "fused_add_rms_norm_forward",
     "fused_linear_cross_entropy",
+    "global_grad_norm",
     "rms_norm_backward",
     "rms_norm_forward",
     "swiglu_backward",
