@@ -3,7 +3,6 @@ autograd: causal, block-diagonal over packed documents, GQA; the FlashAttention 
 
 import torch
 import torch.nn.functional as F
-
 from surogate.kernels.testing import rel_err
 from surogate.models.blocks import _reference_attention
 from surogate.models.blocks._documents import build_documents, document_starts
@@ -56,7 +55,7 @@ def test_reference_attention_against_float64_sdpa(generator):
     truth = _sdpa_per_document(*leaves, lengths, seq)
     truth.backward(dout.double())
     assert rel_err(out, truth) < 1e-5
-    for name, mine, leaf in zip("qkv", (dq, dk, dv), leaves):
+    for name, mine, leaf in zip("qkv", (dq, dk, dv), leaves, strict=True):
         assert rel_err(mine, leaf.grad) < 1e-5, name
     # logsumexp of the first query of each document is its own score (it sees only itself)
     first = torch.einsum("hd,hd->h", q[4].double(), k[4].double().repeat_interleave(3, 0)) * 0.3

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from tiny_hf import CONFIGS, LLAMA3_ROPE, hf_model
-
 from surogate.models import ModelConfig, ModelError
+from tiny_hf import CONFIGS, LLAMA3_ROPE, hf_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from tiny_hf import hf_model, hf_reference, packed_inputs
-
 from surogate.kernels.testing import rel_err
 from surogate.models import LoraConfig, ModelError, load_pretrained
 from surogate.models.blocks._projection import Lora, projection_backward, projection_forward
+from tiny_hf import hf_model, hf_reference, packed_inputs
 
 TOL = 1e-4
 
@@ -163,7 +162,7 @@ def test_projection_backward_with_dropout_matches_autograd(generator):
     ref = torch.cat(parts, dim=1)
     ref.backward(dy)
     assert rel_err(y, ref) < 1e-12
-    for mine, leaf in zip((dx, dw, db, grads[0][0], grads[0][1], grads[1][0], grads[1][1]), leaves):
+    for mine, leaf in zip((dx, dw, db, grads[0][0], grads[0][1], grads[1][0], grads[1][1]), leaves, strict=True):
         assert rel_err(mine, leaf.grad) < 1e-12
 
 

@@ -5,10 +5,9 @@ import itertools
 
 import pytest
 import torch
-from tiny_hf import hf_model, packed_inputs
-
 from surogate.models import LoraConfig, ModelError, load_pretrained
 from surogate.models._recompute import Recompute
+from tiny_hf import hf_model, packed_inputs
 
 FLAGS = ("block", "att", "ffn", "qkv", "swiglu", "rmsnorm")
 
@@ -63,7 +62,7 @@ def test_every_combination_equals_no_recompute(folder, generator):
     base = _run(folder, None, (ids, labels, pos))
     seen = set()
     for bits in itertools.product((False, True), repeat=len(FLAGS)):
-        spec = dict(zip(FLAGS, bits))
+        spec = dict(zip(FLAGS, bits, strict=True))
         seen.add(Recompute.parse(spec))
         _same(base, _run(folder, spec, (ids, labels, pos)), spec)
     assert len(seen) > 10  # the implications collapse 64 combinations to the distinct behaviours tested

@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_hf import hf_model, packed_inputs
-
 from surogate.kernels.testing import rel_err
 from surogate.models import ModelError, load_pretrained
+from tiny_hf import hf_model, packed_inputs
 
 
 def _tensors(folder):
@@ -42,7 +41,7 @@ def test_sharded_round_trip_identical(sharded, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     reloaded = load_pretrained(tmp_path, dtype=torch.float32)
-    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), reloaded.named_parameters()):
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), reloaded.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["head_dim"] == 32

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from surogate.kernels.testing import rel_err
 from surogate.models import weights
 
@@ -26,8 +25,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 16}  # fmt: skip
 
 
-def hf_model(arch: str, seed: int = 0, **overrides):
-    """A transformers model with random weights (norm weights and biases randomised too, so they matter)."""
+def hf_model(arch: str, seed: int = 0, std: float = 0.08, **overrides):
+    """A transformers model with random weights (norm weights and biases randomised too, so they matter).
+    std 0.08 makes the tiny models' attention far from uniform; use ~0.02 for real sizes."""
     import transformers
 
     cfg = dict(CONFIGS[arch], **overrides)
@@ -43,7 +43,7 @@ def hf_model(arch: str, seed: int = 0, **overrides):
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+                p.copy_(std * torch.randn(p.shape, generator=g))
     return model
 
 

@@ -163,7 +163,8 @@ def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in _SUPPORTED_ROPE_TYPES:
         raise ModelError(
-            f"{source}: `{key}` rope_type {rope_type!r} is not supported. Supported: {', '.join(_SUPPORTED_ROPE_TYPES)}."
+            f"{source}: `{key}` rope_type {rope_type!r} is not supported. "
+            f"Supported: {', '.join(_SUPPORTED_ROPE_TYPES)}."
         )
     if rope_type == "default":
         return float(theta), None

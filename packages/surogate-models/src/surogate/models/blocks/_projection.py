@@ -64,7 +64,7 @@ def projection_backward(dy, x, weight, loras: list[Lora], us, scale: float, p: f
     dw = torch.matmul(dy.t(), x) if need_dw else None
     db = _ops.bias_grad(dy) if need_db else None
     grads = []
-    for lora, u, (need_a, need_b) in zip(loras, us, need_lora):
+    for lora, u, (need_a, need_b) in zip(loras, us, need_lora, strict=True):
         dys = dy[:, lora.rows]
         d_b = torch.matmul(dys.t(), u).mul_(scale) if need_b else None
         d_a = None

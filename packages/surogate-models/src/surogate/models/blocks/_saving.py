@@ -31,4 +31,4 @@ def unpack(ctx, slots) -> tuple[dict, dict]:
         else:
             acts[k] = saved[i]
             i += 1
-    return acts, dict(zip(slots, saved[i:]))
+    return acts, dict(zip(slots, saved[i:], strict=True))

@@ -19,8 +19,8 @@ import torch
 
 from .. import _ops
 from ._context import BlockContext
-from ._saving import pack, unpack
 from ._projection import Lora, dropout_mask, lora_inputs, projection_backward, projection_forward
+from ._saving import pack, unpack
 
 SLOTS = ("ln", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "o_bias",
          "q_A", "q_B", "k_A", "k_B", "v_A", "v_B", "o_A", "o_B")  # fmt: skip
@@ -132,9 +132,10 @@ def backward(acts: dict, dh, dy, w: dict, bc: BlockContext, need_dx: bool, need:
     """-> (dh_total | None, {slot: grad}) for the slots with need[slot]."""
     c = bc.config
     g = {}
+    loras_o = _o_loras(w, bc, acts)
     d_att, g["o"], g["o_bias"], lora_o = projection_backward(
-        dy, acts["att"], w["o"], _o_loras(w, bc, acts), acts["u_o"], bc.lora_scale, bc.dropout, True,
-        need["o"], need["o_bias"], [(need["o_A"], need["o_B"])],
+        dy, acts["att"], w["o"], loras_o, acts["u_o"], bc.lora_scale, bc.dropout, True, need["o"], need["o_bias"],
+        [(need["o_A"], need["o_B"])] * len(loras_o),
     )
     if lora_o:
         g["o_A"], g["o_B"] = lora_o[0]
@@ -158,7 +159,7 @@ def backward(acts: dict, dh, dy, w: dict, bc: BlockContext, need_dx: bool, need:
         d_qkv, acts["ln"], w["qkv"], loras, acts["u_qkv"], bc.lora_scale, bc.dropout, need_ln, need["qkv"],
         need["qkv_bias"], [(need[f"{m}_A"], need[f"{m}_B"]) for m in "qkv" if w[f"{m}_A"] is not None],
     )
-    for m, grads in zip([m for m in "qkv" if w[f"{m}_A"] is not None], lora_qkv):
+    for m, grads in zip([m for m in "qkv" if w[f"{m}_A"] is not None], lora_qkv, strict=True):
         g[f"{m}_A"], g[f"{m}_B"] = grads
     dh_total = None
     if need_ln:
@@ -171,7 +172,7 @@ class AttentionHalf(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, residual, delta, bc: BlockContext, *tensors):
-        w = dict(zip(SLOTS, tensors))
+        w = dict(zip(SLOTS, tensors, strict=True))
         h, y, acts = forward(residual, delta, w, bc, keep_pre=bc.recompute.keep_qkv)
         pack(ctx, kept(acts, bc), tensors)
         ctx.bc = bc
@@ -182,7 +183,7 @@ class AttentionHalf(torch.autograd.Function):
         acts, w = unpack(ctx, SLOTS)
         rebuild(acts, w, ctx.bc)
         needs = ctx.needs_input_grad
-        need = dict(zip(SLOTS, needs[3:]))
+        need = dict(zip(SLOTS, needs[3:], strict=True))
         dh_total, g = backward(acts, dh, dy, w, ctx.bc, needs[0] or needs[1], need)
         return (dh_total if needs[0] else None, dh_total if needs[1] else None, None, *[g[s] for s in SLOTS])
 

@@ -33,7 +33,7 @@ class RecomputedBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, residual, delta, bc: BlockContext, *tensors):
-        wa, wm = _split(dict(zip(SLOTS, tensors)))
+        wa, wm = _split(dict(zip(SLOTS, tensors, strict=True)))
         h, y, acts_a = attention.forward(residual, delta, wa, bc, keep_pre=False)
         h2, z, acts_m = mlp.forward(h, y, wm, bc)
         saved = {"h": h}
@@ -55,7 +55,7 @@ class RecomputedBlock(torch.autograd.Function):
             _, _, acts_m = mlp.forward(h, y, wm, bc, masks=masks_m)
         del y
         needs = ctx.needs_input_grad
-        need = dict(zip(SLOTS, needs[3:]))
+        need = dict(zip(SLOTS, needs[3:], strict=True))
         d_mid, gm = mlp.backward(acts_m, dh2, dz, wm, bc, True, {s: need[f"mlp.{s}"] for s in mlp.SLOTS})
         del acts_m
         dh, ga = attention.backward(acts_a, d_mid, d_mid, wa, bc, needs[0] or needs[1],

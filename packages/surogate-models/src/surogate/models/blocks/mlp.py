@@ -88,9 +88,10 @@ def rebuild(acts: dict, w: dict, bc: BlockContext) -> dict:
 def backward(acts: dict, dh, dz, w: dict, bc: BlockContext, need_dx: bool, need: dict):
     """-> (dh_total | None, {slot: grad})."""
     g = {}
+    loras_down = _down_loras(w, bc, acts)
     d_act, g["down"], _, lora_down = projection_backward(
-        dz, acts["act"], w["down"], _down_loras(w, bc, acts), acts["u_down"], bc.lora_scale, bc.dropout, True,
-        need["down"], False, [(need["down_A"], need["down_B"])],
+        dz, acts["act"], w["down"], loras_down, acts["u_down"], bc.lora_scale, bc.dropout, True, need["down"],
+        False, [(need["down_A"], need["down_B"])] * len(loras_down),
     )
     if lora_down:
         g["down_A"], g["down_B"] = lora_down[0]
@@ -101,7 +102,7 @@ def backward(acts: dict, dh, dz, w: dict, bc: BlockContext, need_dx: bool, need:
         d_gate_up, acts["ln"], w["gate_up"], _gate_up_loras(w, bc, acts), acts["u_gate_up"], bc.lora_scale,
         bc.dropout, need_ln, need["gate_up"], False, [(need[f"{m}_A"], need[f"{m}_B"]) for m in adapted],
     )
-    for m, grads in zip(adapted, lora_gu):
+    for m, grads in zip(adapted, lora_gu, strict=True):
         g[f"{m}_A"], g[f"{m}_B"] = grads
     dh_total = None
     if need_ln:
@@ -114,7 +115,7 @@ class MlpHalf(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, residual, delta, bc: BlockContext, *tensors):
-        w = dict(zip(SLOTS, tensors))
+        w = dict(zip(SLOTS, tensors, strict=True))
         h, z, acts = forward(residual, delta, w, bc)
         pack(ctx, kept(acts, bc), tensors)
         ctx.bc = bc
@@ -125,6 +126,6 @@ class MlpHalf(torch.autograd.Function):
         acts, w = unpack(ctx, SLOTS)
         rebuild(acts, w, ctx.bc)
         needs = ctx.needs_input_grad
-        dh_total, g = backward(acts, dh, dz, w, ctx.bc, needs[0] or needs[1], dict(zip(SLOTS, needs[3:])))
+        dh_total, g = backward(acts, dh, dz, w, ctx.bc, needs[0] or needs[1], dict(zip(SLOTS, needs[3:], strict=True)))
         return (dh_total if needs[0] else None, dh_total if needs[1] else None, None, *[g[s] for s in SLOTS])
 
