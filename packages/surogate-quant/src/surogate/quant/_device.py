@@ -3,8 +3,8 @@
 Everything here is integer bit arithmetic on fp32 bit patterns, so the same kernels run on the GPU and in the CUDA
 simulator (which has no fp8/fp4 types and no libdevice). A "minifloat" is described by its mantissa bits MBITS and
 its smallest normal exponent EMIN (bias = 1 - EMIN): E4M3 (3, -6), E5M2 (2, -14), E2M1 (1, 0).
-Rounding: to nearest, ties to even code (as cvt.rn / torch casts), or stochastic (round up with probability equal
-to the discarded fraction, resolved at 2^-(23 - MBITS) of an ulp; unbiased up to that resolution).
+Rounding: to nearest, ties to even code (as cvt.rn / torch casts), or toward zero (the lower neighbour, from which
+stochastic rounding rounds up with probability equal to the exact fp32 fraction of the gap).
 Saturation is done by the callers: they clamp the fp32 bits to the format's largest finite value first.
 """
 
@@ -84,21 +84,19 @@ def minifloat_rne(a, MBITS, EMIN):
 
 
 @device_function
-def minifloat_sr(a, MBITS, EMIN, rnd):
-    """Like minifloat_rne but rounds up with probability (discarded fraction), driven by 32 random bits `rnd`."""
+def minifloat_rz(a, MBITS, EMIN):
+    """Like minifloat_rne but rounding toward zero (the lower neighbour; stochastic rounding starts here)."""
     shift = 23 - MBITS
     efield = a >> 23
     if efield == 0:
         return 0
     e = efield - 127
     if e >= EMIN:
-        r = (a + (rnd & ((1 << shift) - 1))) >> shift
-        return r - ((126 + EMIN) << MBITS)
+        return (a >> shift) - ((126 + EMIN) << MBITS)
     s = shift + EMIN - e
-    if s > 31:  # below 2^-8 of the smallest subnormal: rounds to 0 (a bias below 2^-8 ulp)
+    if s > 24:
         return 0
-    mant = (a & 0x7FFFFF) | 0x800000
-    return (mant + (rnd & ((1 << s) - 1))) >> s
+    return ((a & 0x7FFFFF) | 0x800000) >> s
 
 
 @device_function
