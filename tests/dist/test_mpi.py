@@ -122,3 +122,9 @@ def test_a_failing_rank_ends_the_job(mode):
     assert "passed the collective" not in output, output
     if mode == "hang":
         assert "timed out" in output.lower(), output
+
+
+def test_world_metrics_all_reduce_grads_and_sharded_parameters():
+    proc, seconds = run_worker(2, "collectives.py", [])
+    assert proc.returncode == 0, f"({seconds:.1f} s)\n{proc.stdout}\n{proc.stderr}"
+    assert proc.stdout.count("collectives ok") == 2, proc.stdout

@@ -50,9 +50,10 @@ def all_reduce_grads(
         return
     op, post_scale = reduce_op(world, average)
     flat = grads.view(-1)
+    size = bucket_numel if bucket_numel > 0 else max(flat.numel(), 1)
     handles = []
-    for start in range(0, flat.numel(), max(bucket_numel, 1)):
-        span = flat[start : start + bucket_numel]
+    for start in range(0, flat.numel(), size):
+        span = flat[start : start + size]
         handles.append(all_reduce(world, span, op, (lambda s=span: s.mul_(post_scale)) if post_scale != 1 else None))
     for h in handles:
         h.wait()
