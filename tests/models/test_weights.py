@@ -61,18 +61,18 @@ def test_transformers_reads_what_we_write(sharded, tmp_path, generator):
     assert rel_err(hf(input_ids=ids).logits, ours(ids)) < 1e-5
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_single_file_dtype_conversion(tied, tmp_path):
-    hf = hf_model("llama", seed=3, tie_word_embeddings=tied).to(torch.bfloat16)
+@pytest.mark.parametrize("tied,source", [(False, torch.bfloat16), (True, torch.float16)])
+def test_single_file_dtype_conversion(tied, source, tmp_path):
+    hf = hf_model("llama", seed=3, tie_word_embeddings=tied).to(source)
     hf.save_pretrained(tmp_path / "src")
     ours = load_pretrained(tmp_path / "src", dtype=torch.float32)
-    assert ours.dtype == torch.float32 and ours.config.torch_dtype == "bfloat16"
+    assert ours.dtype == torch.float32 and ours.config.torch_dtype == str(source).removeprefix("torch.")
     ours.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
     a, b = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
     assert set(a) == set(b) and ("lm_head.weight" in b) == (not tied)
-    for name in a:  # bf16 -> fp32 is exact, so the values are identical
+    for name in a:  # bf16 / fp16 -> fp32 is exact, so the values are identical
         assert b[name].dtype == torch.float32 and torch.equal(a[name].float(), b[name]), name
 
 
@@ -92,6 +92,11 @@ def single(tmp_path):
     path = tmp_path / "model"
     hf_model("qwen2", seed=4).save_pretrained(path)
     return path
+
+
+def test_only_bf16_or_fp32_compute(single):
+    with pytest.raises(ModelError, match="bfloat16 or torch.float32"):
+        load_pretrained(single, dtype=torch.float16)
 
 
 def test_missing_folder_config_and_weights(single, tmp_path):

@@ -12,19 +12,19 @@ from .lora import LoraConfig
 from .model import CausalLM
 from .weights import load_hf
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPES = (torch.bfloat16, torch.float32)  # what the kernels compute in (fp16 checkpoints are converted on load)
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                     lora: LoraConfig | None = None, recompute: str | dict | None = None) -> CausalLM:
     """Read config.json and model.safetensors (or a sharded index) from `path`.
 
-    dtype: the weights' dtype after loading (bf16 / fp16 / fp32, converted from whatever the files hold).
+    dtype: the weights' dtype after loading: bf16 or fp32, converted from the files' bf16 / fp16 / fp32.
     lora: None for full fine-tuning (every parameter trainable), or a LoraConfig (base weights frozen).
     recompute: None, "block", "att,ffn", or {"recompute_block": True, ...} (see _recompute.py).
     """
     if dtype not in _DTYPES:
-        raise ModelError(f"dtype must be one of bfloat16, float16, float32; got {dtype}")
+        raise ModelError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: not a folder. Point to a Hugging Face model folder (config.json + safetensors).")

@@ -152,8 +152,7 @@ class CausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------ compute
     def _uses_flash(self) -> bool:
         d = self.config.head_dim
-        return (self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0
-                and d <= 256)  # fmt: skip
+        return self.device.type == "cuda" and self.dtype == torch.bfloat16 and d % 8 == 0 and d <= 256
 
     def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cu_seqlens=None):
         """-> final-norm hidden states [batch * seq, C] and the (batch, seq) shape."""

@@ -22,7 +22,7 @@ import torch
 class Documents:
     batch: int
     seq: int
-    position_ids: torch.Tensor  # [batch * seq] int64: RoPE positions
+    position_ids: torch.Tensor  # [batch * seq] int32 (what the RoPE kernels read): RoPE positions
     cu_seqlens: torch.Tensor | None = None  # FlashAttention
     max_seqlen: int = 0
     mask: torch.Tensor | None = None  # reference attention: [batch, 1, seq, seq] bool, True = may attend
@@ -47,7 +47,7 @@ def build_documents(batch: int, seq: int, position_ids: torch.Tensor | None, dev
     if position_ids is None:
         position_ids = torch.arange(seq, device=device).expand(batch, seq)
     position_ids = position_ids.to(device=device, dtype=torch.int64)
-    docs = Documents(batch, seq, position_ids.reshape(-1).contiguous())
+    docs = Documents(batch, seq, position_ids.reshape(-1).to(torch.int32).contiguous())
     if flash:
         if cu_seqlens is not None:
             docs.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
