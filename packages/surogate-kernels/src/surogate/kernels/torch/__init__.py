@@ -8,6 +8,7 @@ from .embedding import Embedding, EmbeddingFunction
 from .fused_add_rms_norm import FusedAddRMSNorm, FusedAddRMSNormFunction
 from .fused_linear_cross_entropy import LinearCrossEntropyFunction, LinearCrossEntropyLoss
 from .rms_norm import RMSNorm, RMSNormFunction
+from .rope import RoPEFunction, RotaryEmbedding, apply_rope
 from .swiglu import SwiGLU, SwiGLUFunction
 
 __all__ = [
@@ -21,6 +22,9 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "RMSNorm",
     "RMSNormFunction",
+    "RoPEFunction",
+    "RotaryEmbedding",
     "SwiGLU",
     "SwiGLUFunction",
+    "apply_rope",
 ]
