@@ -19,7 +19,8 @@ def folders(tmp_path_factory):
     out = {}
     for arch in ("llama", "qwen2", "qwen3"):
         path = tmp_path_factory.mktemp(arch)
-        hf_model(arch, seed=10 + len(out)).save_pretrained(path)
+        extra = {"attention_bias": True} if arch == "llama" else {}  # o_proj bias next to its adapter
+        hf_model(arch, seed=10 + len(out), **extra).save_pretrained(path)
         out[arch] = path
     return out
 

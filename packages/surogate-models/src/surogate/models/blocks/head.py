@@ -60,7 +60,8 @@ class FusedLoss(torch.autograd.Function):
         loss_sum, _, d_hidden, d_weight = _ops.fused_linear_cross_entropy(
             hidden, weight, targets, IGNORE_INDEX, scale, compute_weight_grad=need_w
         )
-        ctx.save_for_backward(d_hidden, d_weight)
+        # kept as attributes (not save_for_backward): backward scales d_weight in place and frees both at once
+        ctx.grads = (d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(n_valid)
         loss = loss_sum / n_valid.clamp(min=1) if mean else loss_sum
@@ -68,8 +69,11 @@ class FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_n):
-        d_hidden, d_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss computes its gradients once: backward twice is not supported")
+        d_hidden, d_weight = ctx.grads
+        ctx.grads = None
         needs = ctx.needs_input_grad
         dh = (d_hidden.float() * g).to(d_hidden.dtype) if needs[0] else None
-        dw = (d_weight * g).to(ctx.weight_dtype) if needs[1] and d_weight is not None else None
+        dw = d_weight.mul_(g).to(ctx.weight_dtype) if needs[1] and d_weight is not None else None
         return dh, dw, None, None, None
