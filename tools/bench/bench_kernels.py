@@ -64,7 +64,214 @@ def bench_rms_norm(dtype):
     return rows_out
 
 
-BENCHES = {"rms_norm": bench_rms_norm}
+NAN = float("nan")
+VOCAB = {"qwen": 151936, "llama3": 128256}
+
+
+def _peak_mib(fn) -> float:
+    """Peak memory allocated by one call of `fn` beyond what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _row(op, provider, mode, model, hidden, dtype, fn, nbytes=None, flops=None, peak=False):
+    """One CSV row: CUDA-graph time (NaN when not capturable), eager time, GB/s and TFLOP/s from the better one."""
+    try:
+        gpu = graph_ms(fn)
+    except Exception:
+        gpu = NAN
+    eager = median_ms(fn)
+    ms = gpu if gpu == gpu else eager
+    return dict(op=op, provider=provider, mode=mode, model=model, hidden=hidden, dtype=str(dtype).split(".")[-1],
+                graph_us=gpu * 1e3, eager_us=eager * 1e3, gbs=nbytes / ms / 1e6 if nbytes else NAN,
+                tflops=flops / ms / 1e9 if flops else NAN, peak_mib=_peak_mib(fn) if peak else NAN)
+
+
+def bench_cross_entropy(dtype):
+    """CE forward + backward (dlogits in place) over [4096, V]. Bytes: the row read twice + written once (the
+    kernel's real traffic; Liger's kernel moves the same). torch: F.cross_entropy on fp32 logits with autograd."""
+    import torch.nn.functional as F
+
+    from surogate.kernels.ops import cross_entropy
+
+    rows_out = []
+    for model, vocab in VOCAB.items():
+        logits = torch.randn(ROWS, vocab, device="cuda", dtype=dtype)
+        targets = torch.randint(0, vocab, (ROWS,), device="cuda")
+        targets[::10] = -100
+        nbytes = 3 * logits.numel() * logits.element_size()
+        scale = torch.tensor(1.0 / ROWS, device="cuda")
+        cases = {
+            "surogate": lambda: cross_entropy.forward_backward(logits, targets, -100, scale),
+            "surogate-loss": lambda: cross_entropy.forward(logits, targets, -100),
+        }
+        leaf = logits.clone().requires_grad_()
+
+        def torch_ce():
+            loss = F.cross_entropy(leaf.float(), targets)
+            return torch.autograd.grad(loss, leaf)
+
+        cases["torch"] = torch_ce
+        try:
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+
+            liger_loss, liger_in = LigerCrossEntropyLoss(), logits.clone().requires_grad_()
+            cases["liger"] = lambda: liger_loss(liger_in, targets)  # its forward computes the gradient in place
+        except Exception:
+            pass
+        for provider, fn in cases.items():
+            mode = "loss" if provider.endswith("-loss") else "fwd+bwd"
+            moved = nbytes // 3 if mode == "loss" else nbytes
+            rows_out.append(_row("cross_entropy", provider.removesuffix("-loss"), mode, model, vocab, dtype, fn,
+                                 nbytes=moved, peak=True))
+        del logits, leaf
+    return rows_out
+
+
+def bench_fused_linear_cross_entropy(dtype):
+    """lm_head + CE, loss and both gradients, [4096, C] x [151936, C]: time, TFLOP/s (6 * rows * V * C) and peak
+    memory against the naive fp32-logits loss and Liger's fused linear CE (bf16 and fp32 weight-grad accumulation)."""
+    import torch.nn.functional as F
+
+    from surogate.kernels import fused_linear_cross_entropy
+
+    rows_out = []
+    vocab = VOCAB["qwen"]
+    for model, hidden in HIDDEN.items():
+        h = torch.randn(ROWS, hidden, device="cuda", dtype=dtype)
+        w = torch.randn(vocab, hidden, device="cuda", dtype=dtype) * hidden**-0.5
+        targets = torch.randint(0, vocab, (ROWS,), device="cuda")
+        flops = 6 * ROWS * vocab * hidden
+        scale = torch.tensor(1.0 / ROWS, device="cuda")
+        hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+
+        def naive():
+            loss = F.cross_entropy((hg @ wg.t()).float(), targets)
+            return torch.autograd.grad(loss, (hg, wg))
+
+        cases = {
+            "surogate": lambda: fused_linear_cross_entropy(h, w, targets, -100, scale, None, True),
+            "torch": naive,
+        }
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            for name, accum in (("liger", None), ("liger-fp32acc", torch.float32)):
+                loss_fn = LigerFusedLinearCrossEntropyLoss(accum_dtype=accum)
+                cases[name] = lambda fn=loss_fn: torch.autograd.grad(fn(wg, hg, targets), (hg, wg))
+        except Exception:
+            pass
+        for provider, fn in cases.items():
+            rows_out.append(_row("fused_linear_cross_entropy", provider, "fwd+bwd", model, hidden, dtype, fn,
+                                 flops=flops, peak=True))
+    return rows_out
+
+
+def bench_embedding(dtype):
+    """Lookup (read + write [4096, C]) and backward (read [4096, C], write [151936, C]) vs torch's kernels."""
+    from surogate.kernels.ops import embedding
+
+    rows_out = []
+    vocab = VOCAB["qwen"]
+    for model, hidden in HIDDEN.items():
+        table = torch.randn(vocab, hidden, device="cuda", dtype=dtype)
+        ids = torch.randint(0, vocab, (ROWS,), device="cuda")
+        dx = torch.randn(ROWS, hidden, device="cuda", dtype=dtype)
+        esize = table.element_size()
+        fwd_bytes = 2 * ROWS * hidden * esize + ROWS * 8
+        bwd_bytes = (vocab + ROWS) * hidden * esize + ROWS * 8
+        cases = {
+            "surogate": (lambda: embedding.forward(ids, table), lambda: embedding.backward(dx, ids, vocab)),
+            "torch": (lambda: torch.nn.functional.embedding(ids, table),
+                      lambda: torch.ops.aten.embedding_dense_backward(dx, ids, vocab, -1, False)),
+        }
+        for provider, (fwd, bwd) in cases.items():
+            rows_out.append(_row("embedding", provider, "forward", model, hidden, dtype, fwd, nbytes=fwd_bytes))
+            rows_out.append(_row("embedding", provider, "backward", model, hidden, dtype, bwd, nbytes=bwd_bytes))
+    return rows_out
+
+
+def bench_bias_grad(dtype):
+    """Column sums of dy [4096, q|k|v] at Qwen2 sizes vs torch's dy.sum(0)."""
+    from surogate.kernels import bias_grad
+
+    rows_out = []
+    for model, n_cols in {"qwen2-0.5b": 896 + 2 * 128, "qwen2-1.5b": 1536 + 2 * 256, "qwen2-7b": 3584 + 2 * 512}.items():
+        dy = torch.randn(ROWS, n_cols, device="cuda", dtype=dtype)
+        nbytes = dy.numel() * dy.element_size()
+        for provider, fn in (("surogate", lambda: bias_grad(dy)), ("torch", lambda: dy.sum(0))):
+            rows_out.append(_row("bias_grad", provider, "backward", model, n_cols, dtype, fn, nbytes=nbytes))
+    return rows_out
+
+
+def bench_abs_max(dtype):
+    """abs-max (FP8 scaling) of weights and activations vs torch's x.abs().amax()."""
+    from surogate.kernels import abs_max
+
+    rows_out = []
+    for name, shape in {"w-4096x4096": (4096, 4096), "emb-151936x1024": (151936, 1024),
+                        "act-4096x24576": (ROWS, 24576)}.items():
+        x = torch.randn(*shape, device="cuda", dtype=dtype)
+        nbytes = x.numel() * x.element_size()
+        for provider, fn in (("surogate", lambda: abs_max(x)), ("torch", lambda: x.abs().amax())):
+            rows_out.append(_row("abs_max", provider, "forward", name, shape[-1], dtype, fn, nbytes=nbytes))
+    return rows_out
+
+
+def bench_adamw(dtype):
+    """One AdamW step over flat buffers of a model's parameter count (grads in `dtype`, fp32 master and moments,
+    bf16 work weights) vs torch's fused AdamW (fp32 grads) + the bf16 copy; and the global grad norm."""
+    from surogate.kernels import adamw_step, global_grad_norm
+
+    rows_out = []
+    for model, n in {"qwen3-0.6b": 596_049_920, "qwen3-1.7b": 1_720_574_976}.items():
+        p = torch.randn(n, device="cuda")
+        g = torch.randn(n, device="cuda", dtype=dtype)
+        m, v = torch.zeros_like(p), torch.zeros_like(p)
+        work = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        lr, step = torch.tensor(1e-4, device="cuda"), torch.tensor(1.0, device="cuda")
+        nbytes = n * (24 + g.element_size() + 2)
+        hyper = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+        cases = {
+            "surogate": lambda: adamw_step(p, g, m, v, lr=lr, step=step, work_params=work, **hyper),
+            "surogate-sr": lambda: adamw_step(p, g, m, v, lr=lr, step=step, work_params=work,
+                                              stochastic_rounding=True, seed=1, **hyper),
+        }
+        if dtype == torch.float32:
+            param = torch.nn.Parameter(p)
+            param.grad = g
+            optimizer = torch.optim.AdamW([param], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                          fused=True, capturable=True)
+
+            def torch_step():
+                optimizer.step()
+                work.copy_(param.detach())
+
+            cases["torch"] = torch_step
+        for provider, fn in cases.items():
+            rows_out.append(_row("adamw", provider, "step", model, n, dtype, fn, nbytes=nbytes))
+        norm_bytes = n * g.element_size()
+        for provider, fn in (("surogate", lambda: global_grad_norm(g)), ("torch", lambda: torch.linalg.vector_norm(g))):
+            rows_out.append(_row("grad_norm", provider, "forward", model, n, dtype, fn, nbytes=norm_bytes))
+        del p, g, m, v, work, cases
+        torch.cuda.empty_cache()
+    return rows_out
+
+
+BENCHES = {
+    "rms_norm": bench_rms_norm,
+    "cross_entropy": bench_cross_entropy,
+    "fused_linear_cross_entropy": bench_fused_linear_cross_entropy,
+    "embedding": bench_embedding,
+    "bias_grad": bench_bias_grad,
+    "abs_max": bench_abs_max,
+    "adamw": bench_adamw,
+}
 
 
 def main():
@@ -81,19 +288,25 @@ def main():
         for dt in args.dtypes.split(","):
             rows += BENCHES[op](getattr(torch, dt))
     stamp = datetime.date.today().isoformat()
-    print(f"{'op':10} {'provider':9} {'mode':8} {'model':11} {'dtype':8} {'graph us':>9} {'eager us':>9} {'GB/s':>7} {'%copy':>6}")
+    width = max(len(r["op"]) for r in rows)
+    print(f"{'op':{width}} {'provider':13} {'mode':8} {'model':15} {'dtype':8} {'graph us':>9} {'eager us':>9} "
+          f"{'GB/s':>7} {'%copy':>6} {'TFLOP/s':>7} {'peak MiB':>8}")
     for r in rows:
         r.update(date=stamp, gpu=gpu, pct_copy=100 * r["gbs"] / copy)
-        print(f"{r['op']:10} {r['provider']:9} {r['mode']:8} {r['model']:11} {r['dtype']:8} {r['graph_us']:9.1f} "
-              f"{r['eager_us']:9.1f} {r['gbs']:7.0f} {r['pct_copy']:6.1f}")
-    if args.out:
+        print(f"{r['op']:{width}} {r['provider']:13} {r['mode']:8} {r['model']:15} {r['dtype']:8} {r['graph_us']:9.1f} "
+              f"{r['eager_us']:9.1f} {r['gbs']:7.0f} {r['pct_copy']:6.1f} {r.get('tflops', NAN):7.1f} "
+              f"{r.get('peak_mib', NAN):8.0f}")
+    if args.out:  # long format; rows are kept, and the header grows when new columns appear
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        new = not os.path.exists(args.out)
-        with open(args.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        old = []
+        if os.path.exists(args.out):
+            with open(args.out, newline="") as f:
+                old = list(csv.DictReader(f))
+        fields = list(dict.fromkeys([k for r in old + rows for k in r]))
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
+            w.writeheader()
+            w.writerows(old + rows)
 
 
 if __name__ == "__main__":
