@@ -6,7 +6,7 @@ import pytest
 import surogate.dist as sd
 import torch
 from _mpirun import NO_MPIEXEC, find_mpiexec, run_worker
-from test_mpi import CHECKPOINTS, eq, rel, rtol
+from test_dist_mpi import CHECKPOINTS, eq, rel, rtol
 
 pytestmark = [
     pytest.mark.gpu,
