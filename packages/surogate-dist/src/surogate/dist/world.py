@@ -151,7 +151,7 @@ def init(device: str | torch.device | None = None, *, timeout: timedelta = DEFAU
     if launched is not None and launched != size:
         raise DistError(
             f"the launcher started {launched} processes but MPI sees a world of {size}: mpi4py loaded another MPI "
-            f"library than the launcher's ({MPI.Get_library_version().split(",")[0].strip()}); launch with the "
+            f"library than the launcher's ({MPI.Get_library_version().split(',')[0].strip()}); launch with the "
             "mpiexec of that MPI, or point mpi4py at the launcher's library (MPI4PY_LIBMPI=/path/to/libmpi.so)"
         )
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
