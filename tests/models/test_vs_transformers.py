@@ -68,6 +68,20 @@ def test_loss_sum_and_grad_scale(folders, generator):
         assert rel_err(p.grad, 0.25 * grads[n]) < 1e-6, n
 
 
+def test_no_grad_loss_equals_training_loss(folders, generator):
+    _, path = folders["llama"]
+    ours = load_pretrained(path, dtype=torch.float32)
+    ids, labels, pos, _ = packed_inputs(generator, ROWS["packed"])
+    trained = ours.loss(ids, labels, pos)
+    loss_sum, n_valid = ours.loss_sum(ids, labels, pos)
+    with torch.no_grad():
+        evaluated = ours.loss(ids, labels, pos)
+        eval_sum, eval_n = ours.loss_sum(ids, labels, pos)
+    assert not evaluated.requires_grad and trained.requires_grad
+    assert abs(evaluated.item() - trained.item()) < 1e-6 * trained.item()
+    assert abs(eval_sum.item() - loss_sum.item()) < 1e-6 * loss_sum.item() and eval_n == n_valid
+
+
 def test_one_dimensional_input_and_all_ignored(folders, generator):
     _, path = folders["llama"]
     ours = load_pretrained(path, dtype=torch.float32)

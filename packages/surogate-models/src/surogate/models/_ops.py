@@ -26,6 +26,7 @@ _NAMES = (
     "embedding_forward",
     "embedding_backward",
     "fused_linear_cross_entropy",
+    "cross_entropy_loss",
 )
 PENDING = tuple(n for n in _NAMES if not hasattr(_kernels, n))
 
@@ -49,3 +50,4 @@ bias_grad = _op("bias_grad")
 embedding_forward = _op("embedding_forward")
 embedding_backward = _op("embedding_backward")
 fused_linear_cross_entropy = _op("fused_linear_cross_entropy")
+cross_entropy_loss = _op("cross_entropy_loss")

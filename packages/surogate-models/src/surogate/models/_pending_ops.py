@@ -179,3 +179,11 @@ def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, grad_
         if d_weight is not None:
             d_weight += _f32(dl.t() @ h).float()
     return loss_sum, n_valid, d_hidden, d_weight
+
+
+def cross_entropy_loss(logits, targets, ignore_index=-100):
+    x = _f32(logits)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    losses = torch.logsumexp(x, dim=-1) - x.gather(1, safe.unsqueeze(1)).squeeze(1)
+    return torch.where(valid, losses, torch.zeros_like(losses)).sum().float(), valid.sum()

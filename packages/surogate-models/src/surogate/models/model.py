@@ -22,7 +22,7 @@ from .blocks import attention, mlp
 from .blocks._context import BlockContext
 from .blocks._documents import build_documents
 from .blocks.block import RecomputedBlock
-from .blocks.head import Embedding, FinalNorm, FusedLoss
+from .blocks.head import Embedding, FinalNorm, FusedLoss, loss_without_grad
 from .config import ModelConfig
 from .lora import TARGET_MODULES, LoraConfig, init_adapter, parent, read_adapter, save_adapter
 
@@ -170,7 +170,7 @@ class CausalLM(nn.Module):
         docs = build_documents(batch, seq, position_ids, device, flash, cu_seqlens)
         lora = self.lora_config
         bc = BlockContext(
-            config=self.config, docs=docs, inv_freq=self.inv_freq, recompute=self.recompute, flash=flash,
+            config=self.config, docs=docs, inv_freq=self.inv_freq.float(), recompute=self.recompute, flash=flash,
             lora_scale=lora.scale if lora else 1.0, dropout=lora.dropout if (lora and self.training) else 0.0,
         )
         x = Embedding.apply(ids.reshape(-1).to(device=device, dtype=torch.int64), self.model.embed_tokens.weight)
@@ -206,16 +206,20 @@ class CausalLM(nn.Module):
     def loss(self, input_ids, labels, position_ids=None, grad_scale=1.0, *, cu_seqlens=None) -> torch.Tensor:
         """Mean cross-entropy over valid tokens (labels != -100; labels[t] is predicted from tokens <= t).
         The value is the plain mean; its gradient is grad_scale * d(mean) (grad_scale: float or 0-d tensor)."""
-        hidden, _, _ = self._hidden(input_ids, position_ids, cu_seqlens)
-        loss, _ = FusedLoss.apply(hidden, self._head_weight(), self._targets(labels, hidden.shape[0]), True,
-                                  grad_scale)
-        return loss
+        return self._loss(input_ids, labels, position_ids, cu_seqlens, True, grad_scale)[0]
 
     def loss_sum(self, input_ids, labels, position_ids=None, *, cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of cross-entropy over valid tokens (fp32 0-d), number of valid tokens (int64 0-d)); for gradient
         accumulation normalised by the valid tokens of all micro-batches: (loss_sum / total).backward()."""
+        return self._loss(input_ids, labels, position_ids, cu_seqlens, False, 1.0)
+
+    def _loss(self, input_ids, labels, position_ids, cu_seqlens, mean: bool, grad_scale):
         hidden, _, _ = self._hidden(input_ids, position_ids, cu_seqlens)
-        return FusedLoss.apply(hidden, self._head_weight(), self._targets(labels, hidden.shape[0]), False, 1.0)
+        weight = self._head_weight()
+        targets = self._targets(labels, hidden.shape[0])
+        if not (hidden.requires_grad or weight.requires_grad):  # no_grad / eval: no gradient work at all
+            return loss_without_grad(hidden, weight, targets, mean)
+        return FusedLoss.apply(hidden, weight, targets, mean, grad_scale)
 
     # ------------------------------------------------------------------------------------------ LoRA
     def _add_adapters(self, lora: LoraConfig, tensors: dict[str, torch.Tensor] | None = None) -> None:

@@ -6,7 +6,8 @@ FusedLoss: surogate.kernels fused_linear_cross_entropy runs the lm_head GEMM in 
 so [tokens, vocab] fp32 logits never exist; it returns d_hidden (and d_weight in fp32 when the head is
 trainable) already, which backward multiplies by the incoming gradient (a 0-d tensor: no host sync).
 With mean=True the value is loss_sum / n_valid and the gradients are grad_scale * d(mean); else loss_sum and
-d(loss_sum). n_valid (int64 0-d) counts targets != -100.
+d(loss_sum). n_valid (int64 0-d) counts targets != -100. Without gradients (eval), loss_without_grad runs the
+lm_head GEMM in row chunks (<= 256 MiB of logits each) and the CE kernel's loss-only pass.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ import torch
 from .. import _ops
 
 IGNORE_INDEX = -100
+_CHUNK_BYTES = 256 * 2**20
+
+
+def loss_without_grad(hidden, weight, targets, mean: bool):
+    """(loss, n_valid) as FusedLoss computes them, with no gradient work (eval / no_grad)."""
+    rows = hidden.shape[0]
+    chunk = max(1, min(rows, _CHUNK_BYTES // (weight.shape[0] * hidden.element_size())))
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, rows, chunk):
+        logits = torch.matmul(hidden[start : start + chunk], weight.t())
+        total += _ops.cross_entropy_loss(logits, targets[start : start + chunk], IGNORE_INDEX)[0]
+    n_valid = (targets != IGNORE_INDEX).sum()
+    return (total / n_valid.clamp(min=1) if mean else total), n_valid
 
 
 class Embedding(torch.autograd.Function):
