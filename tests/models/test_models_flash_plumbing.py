@@ -1,6 +1,6 @@
 """The CUDA attention path's plumbing on CPU: FlashAttention's two aten ops are replaced by fakes that check the
 arguments against the op schemas (as measured on the H100) and compute attention from the cu_seqlens they are
-given; the model forced onto that path must still match transformers. The real kernels run in test_gpu.py."""
+given; the model forced onto that path must still match transformers. The real kernels run in test_models_gpu.py."""
 
 import pytest
 import torch
