@@ -47,7 +47,7 @@ def projection_forward(x, weight, bias, loras: list[Lora], scale: float, p: floa
     us = []
     for lora in loras:
         u = F.linear(_drop(x, lora.mask, p), lora.A)
-        y[:, lora.rows].add_(F.linear(u, lora.B), alpha=scale)
+        y[:, lora.rows].addmm_(u, lora.B.t(), alpha=scale)  # into the slice: no [tokens, out] temporary
         us.append(u)
     return y, us
 
@@ -73,6 +73,9 @@ def projection_backward(dy, x, weight, loras: list[Lora], us, scale: float, p: f
             if need_a:
                 d_a = torch.matmul(du.t(), _drop(x, lora.mask, p))
             if need_dx:
-                dx += _drop(torch.matmul(du, lora.A), lora.mask, p)
+                if lora.mask is None:
+                    dx.addmm_(du, lora.A)
+                else:
+                    dx += _drop(torch.matmul(du, lora.A), lora.mask, p)
         grads.append((d_a, d_b))
     return dx, dw, db, grads
