@@ -180,6 +180,7 @@ class AttentionHalf(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dy):
+        dh, dy = dh.contiguous(), dy.contiguous()  # the kernels read rows of contiguous tensors
         acts, w = unpack(ctx, SLOTS)
         rebuild(acts, w, ctx.bc)
         needs = ctx.needs_input_grad

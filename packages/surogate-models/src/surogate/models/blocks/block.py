@@ -45,6 +45,7 @@ class RecomputedBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh2, dz):
+        dh2, dz = dh2.contiguous(), dz.contiguous()  # the kernels read rows of contiguous tensors
         saved, weights = unpack(ctx, SLOTS)
         wa, wm = _split(weights)
         bc = ctx.bc

@@ -123,6 +123,7 @@ class MlpHalf(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dz):
+        dh, dz = dh.contiguous(), dz.contiguous()  # the kernels read rows of contiguous tensors
         acts, w = unpack(ctx, SLOTS)
         rebuild(acts, w, ctx.bc)
         needs = ctx.needs_input_grad
