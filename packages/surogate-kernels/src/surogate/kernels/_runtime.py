@@ -101,6 +101,22 @@ if SIMULATOR:
         cuda.syncthreads()
         return total
 
+    @device_function
+    def lane_group_sum(value, width, scratch):
+        """Sum of `value` over aligned groups of `width` lanes (a power of two <= 32); every lane of a group gets it.
+        The simulator has no shuffles: this goes through shared memory (`scratch`, REDUCE_SLOTS fp32) with block
+        barriers, so every thread of the block must call it equally often (kernels idle lanes around it, never skip
+        it). blockDim.x must be a multiple of `width`."""
+        tid = cuda.threadIdx.x
+        scratch[tid] = value
+        cuda.syncthreads()
+        first = tid - tid % width
+        total = float32(0.0)
+        for i in range(width):
+            total += scratch[first + i]
+        cuda.syncthreads()
+        return total
+
 else:
     from numba.cuda import libdevice
 
@@ -131,6 +147,17 @@ else:
             v = max(v, cuda.shfl_down_sync(0xFFFFFFFF, v, offset))
             offset //= 2
         return v
+
+    @device_function
+    def lane_group_sum(value, width, scratch):
+        """Sum of `value` over aligned groups of `width` lanes (a power of two <= 32); every lane of a group gets it.
+        All 32 lanes of the warp must call it. An xor butterfly: every lane of a group ends with the same bits (fp
+        addition is commutative). `scratch` is only used by the simulator's version."""
+        offset = width // 2
+        while offset > 0:
+            value += cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
+            offset //= 2
+        return value
 
     @device_function
     def block_sum(value, scratch):

@@ -236,17 +236,21 @@ def backward(d_qkv, position_ids, inv_freq, n_q_heads: int, n_kv_heads: int, hea
 
 
 # ---------------------------------------------------------------------------------------------------- reference
+def reference_rotate(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, sign: float = 1.0):
+    """x [tokens, heads, head_dim] rotated (sign -1: the inverse rotation), in x's dtype; the angle in fp32."""
+    angle = position_ids.reshape(-1, 1).to(torch.float32) * inv_freq.reshape(1, -1)
+    cos = angle.to(x.dtype).cos().unsqueeze(1)
+    sin = angle.to(x.dtype).sin().unsqueeze(1) * sign
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 def _reference(qkv, position_ids, inv_freq, n_q_heads, n_kv_heads, head_dim, sign):
     """Plain torch math in fp32 (fp64 for fp64 qkv; the angle is fp32 either way), written back in place."""
     tokens = _check(qkv, position_ids, inv_freq, n_q_heads, n_kv_heads, head_dim)
     compute = torch.promote_types(qkv.dtype, torch.float32)
     heads = qkv.view(tokens, n_q_heads + 2 * n_kv_heads, head_dim)[:, : n_q_heads + n_kv_heads]
-    angle = position_ids.reshape(-1, 1).to(torch.float32) * inv_freq.reshape(1, -1)
-    cos = angle.to(compute).cos().unsqueeze(1)
-    sin = angle.to(compute).sin().unsqueeze(1) * sign
-    x = heads.to(compute)
-    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
-    heads.copy_(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1))
+    heads.copy_(reference_rotate(heads.to(compute), position_ids, inv_freq, sign))
     return qkv
 
 

@@ -7,6 +7,7 @@ from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss
 from .embedding import Embedding, EmbeddingFunction
 from .fused_add_rms_norm import FusedAddRMSNorm, FusedAddRMSNormFunction
 from .fused_linear_cross_entropy import LinearCrossEntropyFunction, LinearCrossEntropyLoss
+from .qk_norm_rope import QKNormRoPE, QKNormRoPEFunction
 from .rms_norm import RMSNorm, RMSNormFunction
 from .rope import RoPEFunction, RotaryEmbedding, apply_rope
 from .swiglu import SwiGLU, SwiGLUFunction
@@ -20,6 +21,8 @@ __all__ = [
     "FusedAddRMSNormFunction",
     "LinearCrossEntropyFunction",
     "LinearCrossEntropyLoss",
+    "QKNormRoPE",
+    "QKNormRoPEFunction",
     "RMSNorm",
     "RMSNormFunction",
     "RoPEFunction",
