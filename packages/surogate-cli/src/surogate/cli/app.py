@@ -1,4 +1,7 @@
-"""The `surogate` (and `surogate-cli`) command. Subcommands import their modules lazily: `--help` stays instant."""
+"""The `surogate` (and `surogate-cli`) command. Subcommands import their modules lazily: `--help` stays instant.
+
+Exit codes: 0 done; 2 bad input (a UserError from surogate.cli or a ModelError from surogate.models: a one-paragraph
+message on stderr naming the file/key/row and the fix, no traceback); 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--base", help="base model folder (default: base_model_name_or_path of the adapter)")
         else:
             p.add_argument("config", help="YAML config file")
-            p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 lora.rank=8")
+            p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 lora_rank=8")
         if name == "tokenize":
             p.add_argument("--debug", action="store_true", help="show which tokens are trained, masked or padding")
             p.add_argument("--rows", type=int, default=3, help="rows to show with --debug")
@@ -43,8 +46,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    module = importlib.import_module(f"surogate.cli.{args._module}")
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(f"surogate.cli.{args._module}")
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("surogate: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"surogate {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """UserError (ours) or surogate.models.ModelError, without importing surogate.models (torch) to find out."""
+    from .errors import UserError
+
+    if isinstance(e, UserError):
+        return True
+    models = sys.modules.get("surogate.models")
+    model_error = getattr(models, "ModelError", None)
+    return model_error is not None and isinstance(e, model_error)
 
 
 if __name__ == "__main__":
