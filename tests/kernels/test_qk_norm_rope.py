@@ -161,7 +161,7 @@ def test_module_matches_float64_autograd(generator):
         (3, 2, 1, 16, torch.float32, False),  # words of 2 fp32, 4 lanes a head
         (3, 2, 1, 16, torch.bfloat16, False),  # words of 4 bf16, 2 lanes a head
         (2, 3, 1, 16, torch.bfloat16, True),  # misaligned: one value per load
-        (2, 6, 3, 70, torch.float32, False),  # d/2 = 35 odd: 32 lanes a head, 2 values a lane, 2 rounds of 5 warps
+        (2, 6, 3, 70, torch.float32, False),  # d/2 = 35 odd: 32 lanes a head, 2 values a lane, 5 warps (2 heads a step)
     ],
 )
 def test_kernel_in_simulator(tokens, n_q, n_kv, head_dim, dtype, misaligned, generator):

@@ -39,6 +39,7 @@ MAX_HEAD_DIM = 256
 MAX_HALF = MAX_HEAD_DIM // 2
 VALUES_PER_LANE = 4  # of x1 (and as many of x2) a lane holds: head_dim <= 2 * 32 * VALUES_PER_LANE
 MAX_WARPS = 8
+FORWARD_HEADS_PER_STEP = 2  # heads a lane group loads before it reduces: more loads in flight (the backward: 1)
 MIN_BLOCKS = {"forward": 4, "backward": 3}  # blocks of 256 an SM holds: register caps of 64 and 85
 WEIGHT_COLUMNS = 2 * MAX_HEAD_DIM  # q_weight then k_weight: one shared fp32 row of dweight sums
 
@@ -51,11 +52,14 @@ def _words_per_lane(p: int) -> int:
 def _make_forward(codec):
     P = codec.per_word
     WPL = _words_per_lane(P)
+    S = FORWARD_HEADS_PER_STEP
+    XS = S * VALUES_PER_LANE
     unpack, pack = codec.unpack, codec.pack
 
     def qk_norm_rope_fwd(qkv, q_w, k_w, pos, inv_freq, rstd, n_q, n_heads, half_words, group, eps):
-        """qkv [tokens, width / P], q_w and k_w [head_dim / P]: words. Lanes tid // group of the block take head
-        h0 + tid // group; lane tid % group holds word pairs (wi, wi + half_words) for wi = lane + m * group."""
+        """qkv [tokens, width / P], q_w and k_w [head_dim / P]: words. The lanes tid // group of the block take
+        heads h0 + tid // group + u * heads_per_round for u < S; lane tid % group holds the word pairs
+        (wi, wi + half_words) of each, for wi = lane + m * group."""
         tid = cuda.threadIdx.x
         slot = tid // group
         lane = tid - slot * group
@@ -65,8 +69,9 @@ def _make_forward(codec):
         cs = cuda.shared.array(MAX_HALF, float32)
         sn = cuda.shared.array(MAX_HALF, float32)
         scratch = cuda.shared.array(REDUCE_SLOTS, float32)
-        x1s = cuda.local.array(VALUES_PER_LANE, float32)
-        x2s = cuda.local.array(VALUES_PER_LANE, float32)
+        x1s = cuda.local.array(XS, float32)
+        x2s = cuda.local.array(XS, float32)
+        sums = cuda.local.array(S, float32)
         o1 = cuda.local.array(P, float32)
         o2 = cuda.local.array(P, float32)
         t = cuda.blockIdx.x
@@ -81,45 +86,50 @@ def _make_forward(codec):
             cuda.syncthreads()
             h0 = 0
             while h0 < n_heads:  # the same number of rounds for every thread: lane_group_sum needs all of them
-                h = h0 + slot
-                active = h < n_heads
-                base = h * head_words
-                sum_sq = float32(0.0)
-                for m in range(WPL):
-                    wi = lane + m * group
-                    if active and wi < half_words:
-                        a = qkv[t, base + wi]
-                        b = qkv[t, base + half_words + wi]
-                        for j in range(P):
-                            x1 = unpack(a, j)
-                            x2 = unpack(b, j)
-                            x1s[m * P + j] = x1
-                            x2s[m * P + j] = x2
-                            sum_sq += x1 * x1 + x2 * x2
-                total = lane_group_sum(sum_sq, group, scratch)
-                r = float32(1.0) / math.sqrt(total / float32(2 * half) + eps)
-                if active:
-                    if lane == 0:
-                        rstd[t, h] = r
+                # all loads of the step's S heads first (S * 2 * WPL words in flight a lane), then their norms
+                for u in range(S):
+                    h = h0 + slot + u * heads_per_round
+                    base = h * head_words
+                    sum_sq = float32(0.0)
                     for m in range(WPL):
                         wi = lane + m * group
-                        if wi < half_words:
-                            if h < n_q:
-                                wa = q_w[wi]
-                                wb = q_w[half_words + wi]
-                            else:
-                                wa = k_w[wi]
-                                wb = k_w[half_words + wi]
+                        if h < n_heads and wi < half_words:
+                            a = qkv[t, base + wi]
+                            b = qkv[t, base + half_words + wi]
                             for j in range(P):
-                                y1 = x1s[m * P + j] * r * unpack(wa, j)
-                                y2 = x2s[m * P + j] * r * unpack(wb, j)
-                                c = cs[wi * P + j]
-                                s = sn[wi * P + j]
-                                o1[j] = y1 * c - y2 * s
-                                o2[j] = y2 * c + y1 * s
-                            qkv[t, base + wi] = pack(o1, 0)
-                            qkv[t, base + half_words + wi] = pack(o2, 0)
-                h0 += heads_per_round
+                                x1 = unpack(a, j)
+                                x2 = unpack(b, j)
+                                x1s[(u * WPL + m) * P + j] = x1
+                                x2s[(u * WPL + m) * P + j] = x2
+                                sum_sq += x1 * x1 + x2 * x2
+                    sums[u] = sum_sq
+                for u in range(S):
+                    h = h0 + slot + u * heads_per_round
+                    base = h * head_words
+                    total = lane_group_sum(sums[u], group, scratch)
+                    r = float32(1.0) / math.sqrt(total / float32(2 * half) + eps)
+                    if h < n_heads:
+                        if lane == 0:
+                            rstd[t, h] = r
+                        for m in range(WPL):
+                            wi = lane + m * group
+                            if wi < half_words:
+                                if h < n_q:
+                                    wa = q_w[wi]
+                                    wb = q_w[half_words + wi]
+                                else:
+                                    wa = k_w[wi]
+                                    wb = k_w[half_words + wi]
+                                for j in range(P):
+                                    y1 = x1s[(u * WPL + m) * P + j] * r * unpack(wa, j)
+                                    y2 = x2s[(u * WPL + m) * P + j] * r * unpack(wb, j)
+                                    c = cs[wi * P + j]
+                                    s = sn[wi * P + j]
+                                    o1[j] = y1 * c - y2 * s
+                                    o2[j] = y2 * c + y1 * s
+                                qkv[t, base + wi] = pack(o1, 0)
+                                qkv[t, base + half_words + wi] = pack(o2, 0)
+                h0 += S * heads_per_round
             cuda.syncthreads()  # all reads of cs/sn done before the next token overwrites them
             t += cuda.gridDim.x
 
@@ -290,10 +300,10 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _layout(half_words: int, n_heads: int) -> tuple[int, int]:
-    """(lanes per head, threads per block): the fewest warps that rotate all heads in the fewest rounds."""
+def _layout(half_words: int, n_heads: int, heads_per_step: int) -> tuple[int, int]:
+    """(lanes per head, threads per block): the fewest warps that take all heads in the fewest rounds."""
     group = min(32, _next_power_of_two(half_words))
-    heads_per_warp = 32 // group
+    heads_per_warp = 32 // group * heads_per_step
     rounds = -(-n_heads // (MAX_WARPS * heads_per_warp))
     warps = -(-n_heads // (rounds * heads_per_warp))
     return group, 32 * warps
@@ -311,7 +321,7 @@ def forward(qkv, q_weight, k_weight, position_ids, inv_freq, n_q_heads: int, n_k
     rows = qkv.view(tokens, -1)
     half = head_dim // 2
     p = min(per_word(t, half) for t in (rows, q_weight, k_weight))
-    group, threads = _layout(half // p, n_heads)
+    group, threads = _layout(half // p, n_heads, FORWARD_HEADS_PER_STEP)
     blocks = min(tokens, sm_count(qkv.device) * max(1, 2048 // threads))
     pos = position_ids.reshape(-1).to(torch.int32).contiguous()
     args = (as_words(rows, p), as_words(q_weight, p), as_words(k_weight, p), pos, inv_freq, rstd, n_q_heads, n_heads,
@@ -341,7 +351,7 @@ def backward(d_qkv, qkv, q_weight, k_weight, rstd, position_ids, inv_freq, n_q_h
     d_rows = d_qkv.view(tokens, -1)
     half = head_dim // 2
     p = min(per_word(t, half) for t in (rows, d_rows, q_weight, k_weight))
-    group, threads = _layout(half // p, n_heads)
+    group, threads = _layout(half // p, n_heads, 1)
     blocks = min(tokens, sm_count(qkv.device) * MIN_BLOCKS["backward"])
     partial = torch.empty(blocks, 2 * head_dim, dtype=torch.float32, device=qkv.device)
     pos = position_ids.reshape(-1).to(torch.int32).contiguous()
