@@ -24,7 +24,7 @@ from .blocks._documents import build_documents
 from .blocks.block import RecomputedBlock
 from .blocks.head import Embedding, FinalNorm, FusedLoss, loss_without_grad
 from .config import ModelConfig
-from .lora import TARGET_MODULES, LoraConfig, init_adapter, parent, read_adapter, save_adapter
+from .lora import TARGET_MODULES, LoraConfig, init_adapter, module_shape, parent, read_adapter, save_adapter
 
 # LoRA target module -> its slot prefix in the attention / MLP half and the fused tensor it adds to
 _SLOT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
@@ -238,8 +238,6 @@ class CausalLM(nn.Module):
         self.lora_config = lora
 
     def _adapter_tensor(self, tensors, i, module, part, lora):
-        from .lora import module_shape
-
         name = f"model.layers.{i}.{parent(module)}.{module}.lora_{part}.weight"
         if name not in tensors:
             raise ModelError(f"adapter tensor `{name}` is missing from the adapter file.")
@@ -250,7 +248,8 @@ class CausalLM(nn.Module):
         return tensors[name]
 
     def load_adapter(self, path: str | Path) -> None:
-        """Replace the adapters with a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
+        """Replace the adapters with a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors);
+        the base weights become frozen (LoRA mode)."""
         lora, tensors = read_adapter(path)
         self._add_adapters(lora, tensors)
 
