@@ -331,7 +331,7 @@ def scale_from_amax(amax: torch.Tensor, fmt: str = "e4m3", margin: int = 0, prev
     f = get_format(fmt)
     amax = amax.float()
     prev = torch.ones_like(amax) if previous is None else previous.float()
-    scale = f.max / (amax * 2.0**margin)
+    scale = torch.full_like(amax, f.max) / (amax * 2.0**margin)  # one rounding (scalar / tensor would take two)
     scale = torch.where((amax > 0) & torch.isfinite(amax), scale, prev)
     return scale.clamp(max=torch.finfo(torch.float32).max)
 

@@ -22,6 +22,7 @@ real arithmetic. Applied along the token dim (rows) of both wgrad operands, it s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -257,7 +258,7 @@ _hadamard = {
 def global_scale(amax: torch.Tensor) -> torch.Tensor:
     """S = 448 * 6 / amax as fp32 [1] on amax's device (1 when amax is 0, NaN or inf; clamped to the largest fp32)."""
     amax = amax.float().reshape(1)
-    s = GLOBAL_NUMERATOR / amax
+    s = torch.full_like(amax, GLOBAL_NUMERATOR) / amax  # one rounding (scalar / tensor would take two)
     s = torch.where((amax > 0) & torch.isfinite(amax), s, torch.ones_like(s))
     return s.clamp(max=torch.finfo(torch.float32).max)
 
@@ -276,8 +277,9 @@ def _seed_tensor(seed, device) -> torch.Tensor:
     return torch.tensor([int(seed) & 0xFFFFFFFF], dtype=torch.int64, device=device)
 
 
+@functools.lru_cache(maxsize=1024)
 def hadamard_signs(seed: int) -> torch.Tensor:
-    """The 16 +-1 signs of the random diagonal for `seed` (fp32, CPU)."""
+    """The 16 +-1 signs of the random diagonal for `seed` (fp32, CPU; do not modify: cached)."""
     bits = counter_random_torch(torch.arange(BLOCK), hash32_int(int(seed) ^ 0xA5A5A5A5)) & 1
     return (1 - 2 * bits).float()
 
