@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from surogate.kernels import fused_add_rms_norm_backward, fused_add_rms_norm_forward
 from surogate.kernels.ops import fused_add_rms_norm
 from surogate.kernels.testing import assert_close, randn
@@ -42,7 +41,8 @@ def check(forward, backward, rows, cols, dtype, generator, device="cpu", with_dh
     y64, h64, d64, dw64 = float64_truth(residual.cpu(), x.cpu(), w.cpu(), dy.cpu(), None if dh is None else dh.cpu())
     assert y.dtype == dtype and h.dtype == dtype and dh_total.dtype == dtype and dw.dtype == dtype
     assert rstd.dtype == torch.float32 and rstd.shape == (rows,)
-    assert torch.equal(h.cpu(), (residual.cpu().double() + x.cpu().double()).to(dtype)), "h = residual + x, rounded once"
+    exact_sum = (residual.cpu().double() + x.cpu().double()).to(dtype)
+    assert torch.equal(h.cpu(), exact_sum), "h = residual + x, rounded once"
     assert_close(h, h64, dtype, "h")
     assert_close(y, y64, dtype, "y")
     assert_close(dh_total, d64, dtype, "dh_total")

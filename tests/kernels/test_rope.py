@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 from numba import cuda
-
 from surogate.kernels import rope_backward, rope_forward, rope_inv_freq
 from surogate.kernels.ops import rope
 from surogate.kernels.testing import assert_close, randn
@@ -133,8 +132,8 @@ def test_inv_freq_llama3_bands():
     assert torch.allclose(scaled[long], plain[long] / 8.0, rtol=1e-6)
     middle = ~long & ~short
     assert ((scaled[middle] < plain[middle]) & (scaled[middle] > plain[middle] / 8.0)).all()
-    assert torch.equal(rope_inv_freq(128, 5e5, {"type": "llama3", **{k: v for k, v in LLAMA3.items() if k != "rope_type"}}),
-                       scaled), "the older 'type' key"
+    legacy = {"type": "llama3", **{k: v for k, v in LLAMA3.items() if k != "rope_type"}}
+    assert torch.equal(rope_inv_freq(128, 5e5, legacy), scaled), "the older 'type' key"
 
 
 def test_inv_freq_errors():

@@ -263,6 +263,162 @@ def bench_adamw(dtype):
     return rows_out
 
 
+INTERMEDIATE = {"qwen3-0.6b": 3072, "qwen3-1.7b": 6144, "qwen3-4b": 9728, "qwen3-8b": 12288}
+# (n_q, n_kv, head_dim, theta, rope_scaling)
+ATTENTION = {
+    "qwen3-0.6b": (16, 8, 128, 1e6, None),
+    "qwen3-8b": (32, 8, 128, 1e6, None),
+    "llama3.1-8b": (32, 8, 128, 5e5, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def _positions():
+    """Position ids of 2 documents of 2048 tokens, int32 (what the trainer passes: no per-call int64 conversion)."""
+    return torch.arange(2048, device="cuda", dtype=torch.int32).repeat(ROWS // 2048)
+
+
+def bench_fused_add_rms_norm(dtype):
+    """h = residual + x, y = rmsnorm(h). Bytes: forward reads residual, x and writes y, h; backward reads dy, dh, h
+    and writes dh_total (plus the [hidden] weight and its gradient, rstd)."""
+    from surogate.kernels.ops import fused_add_rms_norm as op
+
+    rows_out = []
+    for model, hidden in HIDDEN.items():
+        residual = torch.randn(ROWS, hidden, device="cuda", dtype=dtype)
+        x = torch.randn_like(residual)
+        w = torch.randn(hidden, device="cuda", dtype=dtype)
+        dy, dh = torch.randn_like(x), torch.randn_like(x)
+        y, h, rstd = op.forward(residual, x, w, 1e-6)
+        n = x.numel() * x.element_size()
+        fwd_bytes = 4 * n + hidden * x.element_size() + ROWS * 4
+        bwd_bytes = 4 * n + 2 * hidden * x.element_size() + ROWS * 4
+        cases = {
+            "surogate": (lambda: op.forward(residual, x, w, 1e-6), lambda: op.backward(dy, dh, h, w, rstd)),
+            "torch": (lambda: op.reference_forward(residual, x, w, 1e-6),
+                      lambda: op.reference_backward(dy, dh, h, w, rstd)),
+        }
+        try:
+            from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+
+            xg, rg, wg = x.clone().requires_grad_(), residual.clone().requires_grad_(), w.clone().requires_grad_()
+            yl, hl = LigerFusedAddRMSNormFunction.apply(xg, rg, wg, 1e-6, 0.0, "llama", False)
+            cases["liger"] = (
+                lambda: LigerFusedAddRMSNormFunction.apply(x, residual, w, 1e-6, 0.0, "llama", False),
+                lambda: torch.autograd.grad((yl, hl), (xg, rg, wg), (dy, dh), retain_graph=True),
+            )
+        except Exception:
+            pass
+        for provider, (fwd, bwd) in cases.items():
+            for mode, fn, nbytes in (("forward", fwd, fwd_bytes), ("backward", bwd, bwd_bytes)):
+                rows_out.append(_row("fused_add_rms_norm", provider, mode, model, hidden, dtype, fn, nbytes=nbytes))
+    return rows_out
+
+
+def bench_rope(dtype):
+    """RoPE in place on packed qkv [4096, (n_q + 2 n_kv) * d]. Bytes: the q and k heads read and written once.
+    Liger rotates separate q [1, n_q, T, d] and k tensors with precomputed cos/sin [1, T, d] (read too)."""
+    from surogate.kernels.ops import rope
+
+    rows_out = []
+    for model, (n_q, n_kv, head_dim, theta, scaling) in ATTENTION.items():
+        qkv = torch.randn(ROWS, (n_q + 2 * n_kv) * head_dim, device="cuda", dtype=dtype)
+        d_qkv = torch.randn_like(qkv)
+        pos = _positions()
+        inv_freq = rope.rope_inv_freq(head_dim, theta, scaling).cuda()
+        args = (pos, inv_freq, n_q, n_kv, head_dim)
+        nbytes = 2 * ROWS * (n_q + n_kv) * head_dim * qkv.element_size() + ROWS * 4
+        cases = {
+            "surogate": (lambda: rope.forward(qkv, *args), lambda: rope.backward(d_qkv, *args)),
+            "torch": (lambda: rope.reference_forward(qkv, *args), lambda: rope.reference_backward(d_qkv, *args)),
+        }
+        try:
+            from liger_kernel.ops.rope import LigerRopeFunction
+
+            q = torch.randn(1, n_q, ROWS, head_dim, device="cuda", dtype=dtype)
+            k = torch.randn(1, n_kv, ROWS, head_dim, device="cuda", dtype=dtype)
+            angle = pos.float()[:, None] * inv_freq[None, :]
+            cos = torch.cat([angle, angle], -1).cos().to(dtype)[None]
+            sin = torch.cat([angle, angle], -1).sin().to(dtype)[None]
+            qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+            ql, kl = LigerRopeFunction.apply(qg, kg, cos, sin)
+            dq, dk = torch.randn_like(q), torch.randn_like(k)
+            cases["liger"] = (lambda: LigerRopeFunction.apply(q, k, cos, sin),
+                              lambda: torch.autograd.grad((ql, kl), (qg, kg), (dq, dk), retain_graph=True))
+        except Exception:
+            pass
+        for provider, (fwd, bwd) in cases.items():
+            rows_out.append(_row("rope", provider, "forward", model, head_dim, dtype, fwd, nbytes=nbytes))
+            rows_out.append(_row("rope", provider, "backward", model, head_dim, dtype, bwd, nbytes=nbytes))
+    return rows_out
+
+
+def bench_qk_norm_rope(dtype):
+    """Qwen3 q/k RMSNorm + RoPE in place on packed qkv. Bytes: forward reads and writes the q and k heads (+ rstd);
+    backward reads the gradient and the saved pre-norm q/k, writes the gradient (+ rstd). torch: the unfused eager
+    reference (no Liger equivalent)."""
+    from surogate.kernels.ops import qk_norm_rope, rope
+
+    rows_out = []
+    for model, (n_q, n_kv, head_dim, theta, scaling) in ATTENTION.items():
+        if not model.startswith("qwen3"):
+            continue
+        qkv = torch.randn(ROWS, (n_q + 2 * n_kv) * head_dim, device="cuda", dtype=dtype)
+        saved = qkv.clone()
+        d_qkv = torch.randn_like(qkv)
+        qw = torch.randn(head_dim, device="cuda", dtype=dtype)
+        kw = torch.randn_like(qw)
+        pos = _positions()
+        inv_freq = rope.rope_inv_freq(head_dim, theta, scaling).cuda()
+        heads = (n_q, n_kv, head_dim)
+        _, rstd = qk_norm_rope.forward(qkv, qw, kw, pos, inv_freq, *heads, 1e-6)
+        qk = ROWS * (n_q + n_kv) * head_dim * qkv.element_size()
+        fwd_bytes = 2 * qk + rstd.numel() * 4
+        bwd_bytes = 3 * qk + rstd.numel() * 4
+        cases = {
+            "surogate": (lambda: qk_norm_rope.forward(qkv, qw, kw, pos, inv_freq, *heads, 1e-6),
+                         lambda: qk_norm_rope.backward(d_qkv, saved, qw, kw, rstd, pos, inv_freq, *heads)),
+            "torch": (lambda: qk_norm_rope.reference_forward(qkv, qw, kw, pos, inv_freq, *heads, 1e-6),
+                      lambda: qk_norm_rope.reference_backward(d_qkv, saved, qw, kw, rstd, pos, inv_freq, *heads)),
+        }
+        for provider, (fwd, bwd) in cases.items():
+            rows_out.append(_row("qk_norm_rope", provider, "forward", model, head_dim, dtype, fwd, nbytes=fwd_bytes))
+            rows_out.append(_row("qk_norm_rope", provider, "backward", model, head_dim, dtype, bwd, nbytes=bwd_bytes))
+    return rows_out
+
+
+def bench_swiglu(dtype):
+    """h = silu(gate) * up over gate_up [4096, 2I]. Bytes: forward reads 2I, writes I a row; backward reads dh (I)
+    and gate_up (2I), writes d_gate_up (2I). Liger's SiLUMul takes gate and up as separate tensors."""
+    from surogate.kernels.ops import swiglu
+
+    rows_out = []
+    for model, inter in INTERMEDIATE.items():
+        gate_up = torch.randn(ROWS, 2 * inter, device="cuda", dtype=dtype)
+        dh = torch.randn(ROWS, inter, device="cuda", dtype=dtype)
+        esize = gate_up.element_size()
+        fwd_bytes = 3 * ROWS * inter * esize
+        bwd_bytes = 5 * ROWS * inter * esize
+        cases = {
+            "surogate": (lambda: swiglu.forward(gate_up), lambda: swiglu.backward(dh, gate_up)),
+            "torch": (lambda: swiglu.reference_forward(gate_up), lambda: swiglu.reference_backward(dh, gate_up)),
+        }
+        try:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            a, b = gate_up[:, :inter].contiguous(), gate_up[:, inter:].contiguous()
+            ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+            hl = LigerSiLUMulFunction.apply(ag, bg)
+            cases["liger"] = (lambda: LigerSiLUMulFunction.apply(a, b),
+                              lambda: torch.autograd.grad(hl, (ag, bg), dh, retain_graph=True))
+        except Exception:
+            pass
+        for provider, (fwd, bwd) in cases.items():
+            rows_out.append(_row("swiglu", provider, "forward", model, inter, dtype, fwd, nbytes=fwd_bytes))
+            rows_out.append(_row("swiglu", provider, "backward", model, inter, dtype, bwd, nbytes=bwd_bytes))
+    return rows_out
+
+
 BENCHES = {
     "rms_norm": bench_rms_norm,
     "cross_entropy": bench_cross_entropy,
@@ -271,6 +427,10 @@ BENCHES = {
     "bias_grad": bench_bias_grad,
     "abs_max": bench_abs_max,
     "adamw": bench_adamw,
+    "fused_add_rms_norm": bench_fused_add_rms_norm,
+    "rope": bench_rope,
+    "qk_norm_rope": bench_qk_norm_rope,
+    "swiglu": bench_swiglu,
 }
 
 

@@ -137,7 +137,9 @@ def _make_backward(codec, with_dh: bool):
     return fused_add_rms_norm_bwd
 
 
-_BACKWARD_SIGNATURE = "void({w}[:, ::1], {w}[:, ::1], {w}[:, ::1], {w}[::1], float32[::1], {w}[:, ::1], float32[:, ::1])"
+_BACKWARD_SIGNATURE = (
+    "void({w}[:, ::1], {w}[:, ::1], {w}[:, ::1], {w}[::1], float32[::1], {w}[:, ::1], float32[:, ::1])"
+)
 _forward = kernels_per_codec(
     _make_forward,
     "void({w}[:, ::1], {w}[:, ::1], {w}[::1], {w}[:, ::1], {w}[:, ::1], float32[::1], float32)",
@@ -179,7 +181,8 @@ def forward(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: 
     if x2.shape[0]:
         tensors = (r2, x2, weight, y, h)
         p = min(per_word(t, n_cols) for t in tensors)
-        _forward[x.dtype, p].launch(x2.shape[0], _threads_for(n_cols), tuple(as_words(t, p) for t in tensors) + (rstd, eps))
+        args = tuple(as_words(t, p) for t in tensors) + (rstd, eps)
+        _forward[x.dtype, p].launch(x2.shape[0], _threads_for(n_cols), args)
     return y.view(x.shape), h.view(x.shape), rstd
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
-from numba import cuda, float32, types
+from numba import cuda, float32
 
 from .._packed import as_words, kernels_per_codec, per_word
 from .._runtime import REDUCE_SLOTS, dispatch, element_type, lane_group_sum, sm_count
@@ -311,7 +311,8 @@ def _layout(half_words: int, n_heads: int, heads_per_step: int) -> tuple[int, in
 
 def forward(qkv, q_weight, k_weight, position_ids, inv_freq, n_q_heads: int, n_kv_heads: int, head_dim: int,
             eps: float):
-    """Numba kernel. Norms and rotates the q and k heads of qkv in place; returns (qkv, rstd fp32 [tokens, n_q + n_kv])."""
+    """Numba kernel. Norms and rotates the q and k heads of qkv in place.
+    Returns (qkv, rstd fp32 [tokens, n_q + n_kv])."""
     tokens = _check(qkv, q_weight, k_weight, position_ids, inv_freq, n_q_heads, n_kv_heads, head_dim)
     n_heads = n_q_heads + n_kv_heads
     rstd = torch.empty(tokens, n_heads, dtype=torch.float32, device=qkv.device)

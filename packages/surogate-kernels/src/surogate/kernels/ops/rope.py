@@ -126,7 +126,10 @@ def _make_rope(codec):
 
 
 _rope = kernels_per_codec(
-    _make_rope, "void({w}[:, ::1], int32[::1], float32[::1], int32, int32, float32)", "rope", launch_bounds=(THREADS, MIN_BLOCKS)
+    _make_rope,
+    "void({w}[:, ::1], int32[::1], float32[::1], int32, int32, float32)",
+    "rope",
+    launch_bounds=(THREADS, MIN_BLOCKS),
 )
 
 

@@ -105,7 +105,10 @@ def _make_backward(codec):
 
 
 _forward = kernels_per_codec(
-    _make_forward, "void({w}[:, ::1], {w}[:, ::1])", "swiglu_fwd", launch_bounds=(MAX_THREADS, MIN_BLOCKS_PER_SM["forward"])
+    _make_forward,
+    "void({w}[:, ::1], {w}[:, ::1])",
+    "swiglu_fwd",
+    launch_bounds=(MAX_THREADS, MIN_BLOCKS_PER_SM["forward"]),
 )
 _backward = kernels_per_codec(
     _make_backward,

@@ -1,5 +1,6 @@
-"""Fused residual add + RMSNorm as an autograd Function and an nn.Module: (y, h) = (rmsnorm(residual + x), residual + x),
-the pre-norm step of a decoder layer (h is the new residual stream, y the normalised input of the next block)."""
+"""Fused residual add + RMSNorm as an autograd Function and an nn.Module:
+(y, h) = (rmsnorm(residual + x), residual + x), the pre-norm step of a decoder layer (h is the new residual stream,
+y the normalised input of the next block)."""
 
 from __future__ import annotations
 
