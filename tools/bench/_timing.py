@@ -24,9 +24,14 @@ def median_ms(fn, *, warmup: int = 5, repeat: int = 50) -> float:
 
 
 def graph_ms(fn, *, repeat: int = 20) -> float:
-    """Time of `fn()` in ms as replayed from a CUDA graph: GPU time without Python launch overhead."""
-    for _ in range(3):
-        fn()
+    """Time of `fn()` in ms as replayed from a CUDA graph: GPU time without Python launch overhead.
+    Warm-up runs on a side stream, as torch requires before capturing autograd work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
