@@ -4,7 +4,7 @@ Hugging Face safetensors in and out (full weights with the source's sharding, or
 from .__about__ import __version__
 from ._errors import ModelError
 from .config import ModelConfig
-from .loading import load_pretrained
+from .loading import init_model, load_pretrained
 from .lora import LoraConfig
 from .model import CausalLM
 
@@ -14,5 +14,6 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "__version__",
+    "init_model",
     "load_pretrained",
 ]
