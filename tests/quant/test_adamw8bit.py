@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-
 from surogate.quant import dynamic8
 from surogate.quant.optim import AdamW8bit, AdamW8bitState, adamw8bit_step
 from surogate.quant.optim import adamw8bit as impl
@@ -65,8 +64,19 @@ def test_reference_step_matches_float64(grad_dtype, generator):
     hp = dict(lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, wd=0.1, step=5)
     p64, m64, v64 = float64_adamw(p, g.float() * 0.5, m0, v0, **hp)
     p_new, work = p.clone(), torch.empty(n, dtype=torch.bfloat16)
-    adamw8bit_step(p_new, g, state, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=5,
-                   grad_scale=torch.tensor(0.5), work_params=work)
+    adamw8bit_step(
+        p_new,
+        g,
+        state,
+        lr=1e-3,
+        beta1=0.9,
+        beta2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        step=5,
+        grad_scale=torch.tensor(0.5),
+        work_params=work,
+    )
     ok = torch.ones(n, dtype=torch.bool)
     ok[7:9] = False
     assert torch.equal(p_new[~ok], p[~ok])  # NaN / inf gradients: the element is skipped

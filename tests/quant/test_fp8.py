@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from surogate.quant import fp8
 
 FORMATS = ["e4m3", "e5m2"]

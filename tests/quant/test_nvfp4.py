@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from surogate.quant import fp8, nvfp4
 
 GRID = torch.tensor(nvfp4.E2M1_GRID, dtype=torch.float64)
@@ -54,7 +53,8 @@ def test_reference_round_trip_bounds(block_2d, dtype, generator):
     # block scales: E4M3 of block_amax / 6 * S, within half an E4M3 ulp (2^-4 relative) in the normal range
     a = x.double().abs()
     block_amax = (
-        torch.nn.functional.pad(a, (0, 0, 0, 8)).view(3, 16, 6, 16).amax((1, 3)) if block_2d
+        torch.nn.functional.pad(a, (0, 0, 0, 8)).view(3, 16, 6, 16).amax((1, 3))
+        if block_2d
         else a.view(40, 6, 16).amax(2)
     )
     wanted = block_amax / 6 * t.global_scale.double()

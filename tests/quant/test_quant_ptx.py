@@ -5,7 +5,6 @@ import importlib
 import pkgutil
 
 import pytest
-
 import surogate.quant as quant_package
 from surogate.kernels import Kernel
 

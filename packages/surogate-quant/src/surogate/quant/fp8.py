@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from numba import cuda, float32
-
 from surogate.kernels._runtime import (
     ELEMENT_TYPES,
     REDUCE_SLOTS,
@@ -180,9 +179,7 @@ def _build(make, signature, name, with_load):
     return kernels
 
 
-_encode = _build(
-    _make_encode, "void({t}[::1], float32[::1], uint8[::1], float32[::1], int32)", "fp8_encode", True
-)
+_encode = _build(_make_encode, "void({t}[::1], float32[::1], uint8[::1], float32[::1], int32)", "fp8_encode", True)
 _decode = _build(_make_decode, "void(uint8[::1], float32[::1], {t}[::1])", "fp8_decode", False)
 _encode_transpose = _build(
     _make_encode_transpose,
@@ -382,4 +379,9 @@ class DelayedScaling:
 
     def load_state_dict(self, state: dict):
         for key in ("amax_history", "scale", "scale_inv"):
+            if state[key].shape != getattr(self, key).shape:
+                raise ValueError(
+                    f"FP8 scaling state: {key} has shape {tuple(state[key].shape)}, this run needs "
+                    f"{tuple(getattr(self, key).shape)} (same amax history length and number of layers?)"
+                )
             getattr(self, key).copy_(state[key])

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from numba import cuda, float32
-
 from surogate.kernels._runtime import ELEMENT_TYPES, REDUCE_SLOTS, Kernel, block_max, ceil_div, f32_to_bf16
 
 from .. import dynamic8
@@ -162,8 +161,10 @@ def hyper_parameters(*, lr, beta1, beta2, eps, weight_decay, step, grad_scale=No
     """The fp32 [8] vector the kernel reads. lr, step and grad_scale may be 0-d device tensors (no host sync)."""
 
     def t(value):
-        return value.to(device=device, dtype=torch.float32).reshape(()) if isinstance(value, torch.Tensor) else (
-            torch.tensor(float(value), dtype=torch.float32, device=device)
+        return (
+            value.to(device=device, dtype=torch.float32).reshape(())
+            if isinstance(value, torch.Tensor)
+            else (torch.tensor(float(value), dtype=torch.float32, device=device))
         )
 
     lr_t, step_t = t(lr), t(step)
@@ -197,8 +198,16 @@ def step_kernel(params, grads, state: AdamW8bitState, hyper: torch.Tensor, work_
         ceil_div(n, BLOCK),
         THREADS,
         (
-            params, grads.contiguous(), state.m_codes, state.v_codes, state.m_absmax, state.v_absmax,
-            _maps(params.device), hyper, work.view(torch.int16), int(work_params is not None),
+            params,
+            grads.contiguous(),
+            state.m_codes,
+            state.v_codes,
+            state.m_absmax,
+            state.v_absmax,
+            _maps(params.device),
+            hyper,
+            work.view(torch.int16),
+            int(work_params is not None),
         ),
     )
 
@@ -237,7 +246,13 @@ def adamw8bit_step(
 ):
     """One 8-bit AdamW step over a flat fp32 master buffer (in place). `step` counts from 1."""
     hyper = hyper_parameters(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        step=step,
+        grad_scale=grad_scale,
         device=params.device,
     )
     (step_kernel if params.is_cuda else reference_step)(params, grads, state, hyper, work_params)
@@ -271,7 +286,14 @@ class AdamW8bit(torch.optim.Optimizer):
                 state = AdamW8bitState(st["m_codes"], st["v_codes"], st["m_absmax"], st["v_absmax"])
                 beta1, beta2 = group["betas"]
                 adamw8bit_step(
-                    p.view(-1), p.grad.reshape(-1), state, lr=group["lr"], beta1=beta1, beta2=beta2,
-                    eps=group["eps"], weight_decay=group["weight_decay"], step=st["step"],
+                    p.view(-1),
+                    p.grad.reshape(-1),
+                    state,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    step=st["step"],
                 )
         return loss
