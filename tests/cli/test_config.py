@@ -119,14 +119,17 @@ def test_pt_defaults(tmp_path):
         load_config(_write(tmp_path, "model: m\ndatasets: [{path: a, type: alpaca}]\n"), command="pt")
 
 
-def test_relative_paths_resolve_from_the_yaml_folder(tmp_path, monkeypatch):
+def test_relative_paths_resolve_from_the_yaml_folder_then_the_working_folder(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "model").mkdir()
+    (tmp_path / "model").mkdir()
     (tmp_path / "sub" / "d.jsonl").write_text("{}\n")
+    (tmp_path / "e.jsonl").write_text("{}\n")
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(_write(tmp_path / "sub", "model: model\ndatasets: [{path: d.jsonl}]\n"))
+    cfg = load_config(_write(tmp_path / "sub", "model: model\ndatasets: [{path: d.jsonl}, {path: e.jsonl}]\n"))
     assert cfg.model == str(tmp_path / "sub" / "model")
     assert cfg.datasets[0].path == str(tmp_path / "sub" / "d.jsonl")
+    assert cfg.datasets[1].path == "e.jsonl"
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -138,8 +141,8 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_not_supported_yet_is_an_error_not_a_fallback(tmp_path):
-    cfg = load_config(_write(tmp_path, "model: m\ndatasets: [{path: d}]\noptimizer: adamw_8bit\nqlora_fp8: true\n"))
+    cfg = load_config(_write(tmp_path, "model: m\ndatasets: [{path: d}]\nrecipe: nvfp4\nqlora_fp8: true\n"))
     with pytest.raises(NotSupportedYet) as e:
         check_supported(cfg, device="cpu")
-    assert "optimizer: adamw_8bit" in str(e.value) and "qlora_fp8" in str(e.value)
+    assert "recipe: nvfp4" in str(e.value) and "qlora_fp8" in str(e.value)
     check_supported(load_config(_write(tmp_path, "model: m\ndatasets: [{path: d}]\n")), device="cpu")

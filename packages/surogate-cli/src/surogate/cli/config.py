@@ -450,10 +450,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple = (), comm
 
 
 def _resolve_path(value: str, base: Path) -> str:
-    """Relative paths are taken relative to the current directory when they exist there, else to the YAML's folder
-    (so `surogate sft examples/quickstart/sft.yaml` works from the repository root and from anywhere else)."""
+    """A relative model / dataset path is taken relative to the YAML's folder when it exists there, else relative
+    to the current directory (so a config can ship beside its data and still name files of the working folder)."""
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists() or not (base / p).exists():
+    if p.is_absolute() or not (base / p).exists():
         return str(p)
     return str(base / p)
 
@@ -472,8 +472,6 @@ def recompute_flags(cfg: Config) -> dict[str, bool]:
 def check_supported(cfg: Config, *, device: str, world_size: int = 1) -> None:
     """Values this version accepts in the config but cannot run yet: a clear error, never a silent fallback."""
     missing = []
-    if cfg.optimizer == "adamw_8bit":
-        missing.append(("optimizer", "adamw_8bit", "optimizer: adamw"))
     if cfg.recipe != "bf16":
         missing.append(("recipe", cfg.recipe, "recipe: bf16"))
     for key in ("qlora_fp8", "qlora_fp4", "qlora_bnb"):
@@ -482,6 +480,8 @@ def check_supported(cfg: Config, *, device: str, world_size: int = 1) -> None:
     for key in ("offload_residual", "offload_master", "offload_optimizer", "offload_grads"):
         if getattr(cfg, key):
             missing.append((key, "true", f"{key}: false"))
+    if cfg.recompute_lora:
+        missing.append(("recompute_lora", "true", "recompute_lora: false"))
     if cfg.use_cuda_graphs:
         missing.append(("use_cuda_graphs", "true", "leave use_cuda_graphs unset"))
     if world_size > 1:

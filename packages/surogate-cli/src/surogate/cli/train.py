@@ -1,0 +1,347 @@
+"""The training loop of `surogate sft` and `surogate pt`: setup -> loop -> save, top to bottom.
+
+One optimizer step = gradient_accumulation_steps micro-batches of [per_device_train_batch_size, sequence_len]
+packed rows (static shapes: the step can later be captured as CUDA graphs). The loss of a step is the sum of
+token cross-entropies over the whole accumulation window divided by the window's number of trained tokens,
+counted on the host from the labels BEFORE the forward passes, so each micro-batch backpropagates
+loss_sum / n_window and the accumulated gradient is exactly the gradient of the window's mean loss, however the
+trained tokens are spread over the micro-batches.
+
+Data order: the rows of the token shard form one endless stream, epoch after epoch, each epoch in its own seeded
+permutation (seed + epoch). Step s trains on rows [s * R, (s + 1) * R) of the stream (R = rows per step), so the
+data position of a run is its step: resuming at step s reads exactly the rows the uninterrupted run would have.
+
+Host syncs per step: one, for the step line (loss and grad norm); the clip factor stays on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from . import checkpoint
+from .config import Config, check_supported, load_config, recompute_flags, to_dict, write_resolved
+from .data import PreparedData, Tokenizer, prepare
+from .errors import CheckpointError, UserError
+from .evaluate import eval_loss, exact_match
+from .optim import FlatAdamW, lr_at, warmup_steps
+from .report import RunLog, peak_flops, peak_memory_gb
+
+# Tests stop a run as Ctrl-C would, after this many optimizer steps (kill-and-resume equals an uninterrupted run).
+INTERRUPT_ENV = "SUROGATE_TEST_INTERRUPT_AFTER_STEP"
+
+
+def run(args, command: str) -> int:
+    cfg = load_config(args.config, args.overrides, command=command)
+    return train(cfg, command)
+
+
+# ------------------------------------------------------------------------------------------------------ setup
+@attrs.define
+class Plan:
+    """How much is trained: rows per step, steps per epoch, total steps."""
+
+    micro_batch: int
+    accumulation: int
+    sequence_len: int
+    n_rows: int
+    max_steps: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.micro_batch * self.accumulation
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.rows_per_step * self.sequence_len
+
+    def epoch_progress(self, steps_done: int) -> tuple[int, float]:
+        """(epoch, fraction of it done) after `steps_done` steps."""
+        rows = steps_done * self.rows_per_step
+        return rows // self.n_rows, (rows % self.n_rows) / self.n_rows
+
+
+def _plan(cfg: Config, data: PreparedData) -> Plan:
+    n_rows = data.train.n_rows
+    rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * n_rows / rows_per_step))
+    return Plan(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.sequence_len, n_rows, max_steps)
+
+
+class Batches:
+    """Rows of the endless seeded stream, as tensors on the device. See the module doc."""
+
+    def __init__(self, shard, plan: Plan, seed: int, device):
+        self.shard, self.plan, self.seed, self.device = shard, plan, seed, device
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng(self.seed + epoch).permutation(self.plan.n_rows)}
+        return self._perms[epoch]
+
+    def rows(self, step: int) -> np.ndarray:
+        """Row indices of step `step`: [accumulation, micro_batch]."""
+        first = step * self.plan.rows_per_step
+        stream = np.arange(first, first + self.plan.rows_per_step)
+        idx = np.array([self._perm(int(k) // self.plan.n_rows)[int(k) % self.plan.n_rows] for k in stream])
+        return idx.reshape(self.plan.accumulation, self.plan.micro_batch)
+
+    def tensors(self, rows: np.ndarray):
+        import torch
+
+        order = np.sort(rows)  # memmap reads in file order, then back to the step's order
+        back = np.argsort(np.argsort(rows))
+        return tuple(torch.from_numpy(np.asarray(a[order], dtype=np.int64)[back]).to(self.device, non_blocking=True)
+                     for a in (self.shard.input_ids, self.shard.labels, self.shard.position_ids))
+
+    def trained_tokens(self, rows: np.ndarray) -> int:
+        return int((np.asarray(self.shard.labels[np.sort(rows.ravel())]) != -100).sum())
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _prepare_output_dir(cfg: Config) -> Path:
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror or e})", key="output_dir",
+                        fix="choose a folder you can write to, e.g. output_dir: ./output") from None
+    checkpoint.remove_partial(out)
+    return out
+
+
+def _load_model(cfg: Config, device):
+    import torch
+
+    from surogate.models import LoraConfig, load_pretrained
+
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[cfg.torch_dtype]
+    lora = None
+    if cfg.lora:
+        targets = cfg.lora_target_modules
+        lora = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          target_modules=targets if isinstance(targets, str) else tuple(targets),
+                          use_rslora=cfg.use_rslora)
+    flags = {f"recompute_{k}": v for k, v in recompute_flags(cfg).items() if k != "lora"}
+    model = load_pretrained(cfg.model, dtype=dtype, device=device, lora=lora, recompute=flags)
+    model.train()
+    return model, dtype
+
+
+def _flops_per_token(model, trains_base: bool, seq: int) -> float:
+    """Matmul FLOPs per trained token: 6 N (forward 2 N, backward 4 N) for full fine-tuning, 4 N with frozen base
+    weights (no weight gradients), N = matmul parameters; plus attention 12 * layers * q_width * seq / 2 (causal)."""
+    c = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in name)
+    if c.tie_word_embeddings:
+        n += model.model.embed_tokens.weight.numel()
+    attention = 6 * c.num_layers * c.q_size * seq
+    return (6 if trains_base else 4) * n + attention
+
+
+def _resume(cfg: Config, log: RunLog, optimizer: FlatAdamW, compat: dict, path: Path | None) -> int:
+    """Load a checkpoint into the optimizer (master weights -> parameters) and the RNG; -> the step to start at."""
+    if path is None:
+        if checkpoint.list_checkpoints(cfg.output_dir) and cfg.resume_from_checkpoint is False:
+            raise CheckpointError("output_dir holds checkpoints of an earlier run; starting afresh would mix them "
+                                  "with this run's", key="resume_from_checkpoint", file=cfg.output_dir,
+                                  fix="set resume_from_checkpoint: true to continue that run, or choose a new "
+                                      "output_dir")
+        return 0
+    state, tensors, rng = checkpoint.load(path)
+    checkpoint.check_compatible(path, state["compat"], compat, state["layout"], optimizer.layout())
+    optimizer.load_state_tensors(tensors)
+    checkpoint.set_rng_state(rng)
+    log.info(f"resumed from {path} at step {state['step']}")
+    return int(state["step"])
+
+
+def _save_final(model, tokenizer: Tokenizer, cfg: Config, out: Path) -> Path:
+    """The trained model as a Hugging Face folder (full) or a peft adapter (LoRA), with the tokenizer files;
+    written to a temporary folder and renamed."""
+    import shutil
+
+    final = out / ("adapter" if cfg.lora else "model")
+    tmp = out / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if cfg.lora:
+        model.save_adapter(tmp)
+    else:
+        model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    if final.exists():
+        old = out / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def _sigterm_as_interrupt() -> None:
+    """A scheduler's SIGTERM stops the run like Ctrl-C: cleanly, nothing half-written."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def train(cfg: Config, command: str) -> int:
+    import torch
+
+    from surogate.kernels import clip_scale
+
+    device = _device()
+    out = _prepare_output_dir(cfg)
+    check_supported(cfg, device=device.type)
+    resume_path = checkpoint.resolve(cfg)
+    resume_state = checkpoint.load(resume_path)[0] if resume_path else None
+    log = RunLog(out, report_to=cfg.report_to, run_name=cfg.run_name or out.resolve().name, config=to_dict(cfg),
+                 resume_step=resume_state["step"] if resume_state else 0, wandb_project=cfg.wandb_project)
+    write_resolved(cfg, out)
+    log.rule(f"surogate {command}: {cfg.model} -> {out} on {device.type}")
+
+    # data: tokenised once, reused while config, files and tokenizer are unchanged
+    tokenizer = Tokenizer(cfg.model, cfg.chat_template)
+    data = prepare(cfg, tokenizer, command, log=log.info)
+    plan = _plan(cfg, data)
+
+    # model and optimizer: the seed fixes the LoRA init (and dropout); the optimizer binds the trainable
+    # parameters to its flat buffers
+    torch.manual_seed(cfg.seed)
+    model, dtype = _load_model(cfg, device)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                        f"{model.config.vocab_size}", file=str(Path(cfg.model) / "config.json"),
+                        fix="use the tokenizer that belongs to this model")
+    optimizer = FlatAdamW(model.trainable_parameters(), cfg)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info(f"model: {model.config.architecture}, "
+             f"{n_total / 1e6:.2f}M parameters, {optimizer.n_params / 1e6:.3f}M trained "
+             f"({'LoRA r=' + str(cfg.lora_rank) if cfg.lora else 'full'}), {str(dtype).replace('torch.', '')}")
+    data_hash = data.train.header["hash"]
+    compat = checkpoint.compat_values(cfg, str(dtype), data_hash)
+    start = _resume(cfg, log, optimizer, compat, resume_path)
+
+    batches = Batches(data.train, plan, cfg.seed, device)
+    epochs = plan.max_steps * plan.rows_per_step / plan.n_rows
+    log.info(f"plan: {plan.max_steps} steps x {plan.rows_per_step} rows of {plan.sequence_len} tokens "
+             f"({plan.tokens_per_step} tokens/step, {epochs:.2f} epochs of {plan.n_rows} rows); warmup "
+             f"{warmup_steps(cfg, plan.max_steps)}, {cfg.lr_scheduler_type} schedule, peak lr {cfg.learning_rate:g}")
+    flops_per_step = _flops_per_token(model, not cfg.lora, plan.sequence_len) * plan.tokens_per_step
+    peak = peak_flops(device)
+    checkpoint_state = {"compat": compat, "layout": optimizer.layout()}
+    interrupt_after = int(os.environ.get(INTERRUPT_ENV, "-1"))
+    _sigterm_as_interrupt()
+    last_eval_step = -1
+    since_eval: list[float] = []
+
+    def evaluate(step: int) -> float | None:
+        nonlocal last_eval_step
+        if data.eval is None or last_eval_step == step:
+            return None
+        loss, tokens = eval_loss(model, data.eval, batch_size=cfg.per_device_eval_batch_size,
+                                 max_batches=cfg.eval_num_steps, device=device)
+        train_loss = sum(since_eval) / len(since_eval) if since_eval else None
+        log.eval({"step": step, "eval_loss": loss, "eval_tokens": tokens, "train_loss": train_loss})
+        since_eval.clear()
+        last_eval_step = step
+        return loss
+
+    # ------------------------------------------------------------------------------------------ the loop
+    log.start_progress(plan.max_steps, start)
+    step = start
+    t_start = time.perf_counter()
+    try:
+        while step < plan.max_steps:
+            if step == interrupt_after:
+                raise KeyboardInterrupt
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, plan.max_steps)
+            rows = batches.rows(step)
+            n_window = max(1, batches.trained_tokens(rows))  # normaliser for every micro-batch of the window
+            loss_total = torch.zeros((), dtype=torch.float32, device=device)
+            for micro in rows:
+                input_ids, labels, position_ids = batches.tensors(micro)
+                loss_sum, _ = model.loss_sum(input_ids, labels, position_ids)
+                (loss_sum / n_window).backward()  # grads accumulate in place in the optimizer's flat buffer
+                loss_total += loss_sum.detach()
+            norm = optimizer.grad_norm()
+            scale = clip_scale(norm, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            optimizer.step(lr=lr, step=step + 1, grad_scale=scale)  # also writes the parameters
+            optimizer.zero_grad()
+            step += 1
+
+            loss = loss_total.item() / n_window  # the step's one host sync
+            dt = time.perf_counter() - t0
+            epoch, frac = plan.epoch_progress(step)
+            since_eval.append(loss)
+            log.step({"step": step, "epoch": epoch, "epoch_progress": frac if frac or not epoch else 1.0,
+                      "loss": loss, "grad_norm": float(norm), "lr": lr, "trained_tokens": n_window,
+                      "tok_per_s": plan.tokens_per_step / dt, "step_time_s": dt,
+                      "mfu": flops_per_step / dt / peak if peak else None, "mem_gb": peak_memory_gb(device)},
+                     total=plan.max_steps, print_line=step % cfg.logging_steps == 0 or step == plan.max_steps)
+            log.advance()
+            if not math.isfinite(loss):
+                raise UserError(f"the loss became {loss} at step {step}", key="learning_rate",
+                                fix="lower learning_rate, or set max_grad_norm (e.g. 1.0)")
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < plan.max_steps:
+                evaluate(step)
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < plan.max_steps:
+                path = checkpoint.save(out, step, optimizer_tensors=optimizer.state_tensors(),
+                                       state={**checkpoint_state, "rows_consumed": step * plan.rows_per_step},
+                                       keep=cfg.save_total_limit)
+                log.info(f"checkpoint: {path}")
+                log.plot()
+    except KeyboardInterrupt:
+        log.stop_progress()
+        done = checkpoint.list_checkpoints(out)
+        where = f"the newest complete checkpoint is {done[-1]}" if done else "no checkpoint was written"
+        log.info(f"interrupted after step {step}: {where}. Continue with: surogate {command} <config> "
+                 "resume_from_checkpoint=true")
+        log.plot()
+        log.close()
+        return 130
+    log.stop_progress()
+    train_time = time.perf_counter() - t_start
+
+    # ------------------------------------------------------------------------------------------ the end
+    final_eval = evaluate(step)
+    saved = _save_final(model, tokenizer, cfg, out)
+    result = {"step": step, "train_time_s": train_time, "eval_loss": final_eval}
+    if cfg.eval_exact_match_samples and data.eval_prompts:
+        prompts = data.eval_prompts[: cfg.eval_exact_match_samples]
+        accuracy, answers = exact_match(model, tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens,
+                                        device=device)
+        for question, answer, ref in answers[:3]:
+            log.info(f"  {question!r} -> {answer!r} (expected {ref!r})")
+        log.console.print(f"[bold]exact match: {100 * accuracy:.1f}% of {len(answers)} held-out prompts[/bold]")
+        result["exact_match"] = accuracy
+    log.final(result)
+    log.plot()
+    log.info(f"done: {step} steps in {train_time:.1f} s; wrote {saved}, {out / 'metrics.jsonl'}, "
+             f"{out / 'training_plot.png'}")
+    log.close()
+    return 0
