@@ -127,10 +127,11 @@ def run_hf(name, mode, seq_len, micro_batch, steps, warmup, liger=False, checkpo
     return time_steps(step, steps, warmup)
 
 
-def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16", cuda_graphs=True, recompute=None):
+def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16", cuda_graphs=True, recompute=None,
+                 docs_per_row=1):
     """Our training step (surogate.cli.step.TrainStep: flat buffers, fused AdamW, CUDA graphs) on the same shapes.
-    Rows are packed documents (4 per row here, as a packed SFT dataset gives), so FlashAttention varlen runs with
-    document masking, which the peers (one causal sequence per row) do not pay for."""
+    By default each row is one causal sequence, exactly the attention work the peers do; docs_per_row > 1 packs
+    documents (FlashAttention varlen with document masking: less attention work)."""
     from surogate.cli.step import TrainStep, param_groups
     from surogate.models import LoraConfig, init_model
 
@@ -142,7 +143,7 @@ def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16",
                        recompute=recompute)
     groups = param_groups(model.trainable_parameters(), weight_decay=0.0 if mode == "lora" else 0.1)
     train_step = TrainStep(model, groups, micro_batch=micro_batch, seq_len=seq_len, cuda_graphs=cuda_graphs)
-    doc = seq_len // 4
+    doc = seq_len // docs_per_row
     position_ids = torch.arange(seq_len).remainder(doc).expand(micro_batch, seq_len).contiguous()
     batches = [dict(input_ids=b[:, :-1].contiguous(), labels=b[:, 1:].contiguous(), position_ids=position_ids)
                for b in make_batches(config.vocab_size, micro_batch, seq_len, 4)]
@@ -158,19 +159,19 @@ def time_steps(step, steps, warmup):
     for i in range(warmup):
         loss = step(i)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(steps):
         loss = step(warmup + i)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return elapsed / steps, torch.cuda.max_memory_allocated() / 2**30, float(loss)
+    return elapsed / steps, torch.cuda.max_memory_allocated() / 2**30, float(loss.detach())
 
 
 FRAMEWORKS = {
     "surogate": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r),
     "surogate-eager": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, cuda_graphs=False),
     "surogate-ckpt": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, recompute="block"),
+    "surogate-packed": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, docs_per_row=4),
     "hf": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w),
     "hf-liger": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w, liger=True),
     "hf-liger-ckpt": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w, liger=True, checkpointing=True),
@@ -200,6 +201,7 @@ def main():
                 for fw in args.frameworks.split(","):
                     if fw.startswith("hf") and recipe != "bf16":
                         continue
+                    torch.cuda.reset_peak_memory_stats()  # peak over the whole run: model, warm-up, capture, steps
                     try:
                         step_s, peak, loss = FRAMEWORKS[fw](name, mode, args.seq_len, args.micro_batch, args.steps,
                                                             args.warmup, recipe)
