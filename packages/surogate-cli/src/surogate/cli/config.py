@@ -146,7 +146,8 @@ class Config:
     recompute_swiglu: bool = _opt(False, "recompute SwiGLU in backward")
     recompute_rmsnorm: bool = _opt(False, "recompute RMSNorm outputs in backward")
     recompute_lora: bool = _opt(False, "recompute LoRA intermediates in backward")
-    use_cuda_graphs: bool | None = _opt(None, "capture the training step as CUDA graphs (default: on when supported)")
+    use_cuda_graphs: bool | None = _opt(None, "capture the training step as CUDA graphs (default: on with a CUDA GPU;"
+                                        " no effect on a CPU)")
     zero_level: int = _opt(1, "ZeRO stage under mpirun: 1 optimizer state, 2 + gradients, 3 + weights sharded",
                            choices=(1, 2, 3))
     offload_residual: bool = _opt(False, "keep residual activations in host memory")
@@ -480,10 +481,10 @@ def check_supported(cfg: Config, *, device: str, world_size: int = 1) -> None:
     for key in ("offload_residual", "offload_master", "offload_optimizer", "offload_grads"):
         if getattr(cfg, key):
             missing.append((key, "true", f"{key}: false"))
+    if cfg.optimizer == "adamw_8bit":
+        missing.append(("optimizer", "adamw_8bit", "optimizer: adamw"))
     if cfg.recompute_lora:
         missing.append(("recompute_lora", "true", "recompute_lora: false"))
-    if cfg.use_cuda_graphs:
-        missing.append(("use_cuda_graphs", "true", "leave use_cuda_graphs unset"))
     if world_size > 1:
         missing.append(("mpirun", f"{world_size} processes", "run one process"))
     if missing:

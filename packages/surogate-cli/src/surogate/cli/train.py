@@ -11,7 +11,9 @@ Data order: the rows of the token shard form one endless stream, epoch after epo
 permutation (seed + epoch). Step s trains on rows [s * R, (s + 1) * R) of the stream (R = rows per step), so the
 data position of a run is its step: resuming at step s reads exactly the rows the uninterrupted run would have.
 
-Host syncs per step: one, for the step line (loss and grad norm); the clip factor stays on the device.
+The step itself (forward + backward of each micro-batch into flat gradient buffers, global grad norm, clip factor
+and fused AdamW on the device, optionally replayed as CUDA graphs) is surogate.cli.step.TrainStep. Host syncs per
+step: one, for the step line (loss and grad norm).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from .config import Config, check_supported, load_config, recompute_flags, to_di
 from .data import PreparedData, Tokenizer, prepare
 from .errors import CheckpointError, UserError
 from .evaluate import eval_loss, exact_match
-from .optim import FlatAdamW, lr_at, warmup_steps
 from .report import RunLog, peak_flops, peak_memory_gb
+from .schedule import lr_at, warmup_steps
 
 # Tests stop a run as Ctrl-C would, after this many optimizer steps (kill-and-resume equals an uninterrupted run).
 INTERRUPT_ENV = "SUROGATE_TEST_INTERRUPT_AFTER_STEP"
@@ -75,10 +77,10 @@ def _plan(cfg: Config, data: PreparedData) -> Plan:
 
 
 class Batches:
-    """Rows of the endless seeded stream, as tensors on the device. See the module doc."""
+    """Rows of the endless seeded stream (see the module doc), read from the memory-mapped shard."""
 
-    def __init__(self, shard, plan: Plan, seed: int, device):
-        self.shard, self.plan, self.seed, self.device = shard, plan, seed, device
+    def __init__(self, shard, plan: Plan, seed: int):
+        self.shard, self.plan, self.seed = shard, plan, seed
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -93,16 +95,18 @@ class Batches:
         idx = np.array([self._perm(int(k) // self.plan.n_rows)[int(k) % self.plan.n_rows] for k in stream])
         return idx.reshape(self.plan.accumulation, self.plan.micro_batch)
 
-    def tensors(self, rows: np.ndarray):
+    def micro_batches(self, rows: np.ndarray) -> list[dict]:
+        """CPU tensors input_ids, labels, position_ids [micro_batch, sequence_len] per micro-batch."""
         import torch
 
-        order = np.sort(rows)  # memmap reads in file order, then back to the step's order
-        back = np.argsort(np.argsort(rows))
-        return tuple(torch.from_numpy(np.asarray(a[order], dtype=np.int64)[back]).to(self.device, non_blocking=True)
-                     for a in (self.shard.input_ids, self.shard.labels, self.shard.position_ids))
-
-    def trained_tokens(self, rows: np.ndarray) -> int:
-        return int((np.asarray(self.shard.labels[np.sort(rows.ravel())]) != -100).sum())
+        out = []
+        for micro in rows:
+            order = np.argsort(micro)  # memmap reads in file order, then back to the step's order
+            back = np.argsort(order)
+            out.append({name: torch.from_numpy(np.asarray(a[micro[order]], dtype=np.int64)[back])
+                        for name, a in (("input_ids", self.shard.input_ids), ("labels", self.shard.labels),
+                                        ("position_ids", self.shard.position_ids))})
+        return out
 
 
 def _device():
@@ -123,6 +127,17 @@ def _prepare_output_dir(cfg: Config) -> Path:
                         fix="choose a folder you can write to, e.g. output_dir: ./output") from None
     checkpoint.remove_partial(out)
     return out
+
+
+def _check_model_folder(cfg: Config) -> None:
+    """Fail before tokenising when the model folder is missing or its config.json unusable (the weights are
+    checked when they are loaded)."""
+    from surogate.models import ModelConfig
+
+    if not Path(cfg.model).is_dir():
+        raise UserError(f"model folder not found: {cfg.model}", key="model",
+                        fix="point model at a Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    ModelConfig.from_hf(cfg.model)  # ModelError for a missing / invalid config.json or an unsupported architecture
 
 
 def _load_model(cfg: Config, device):
@@ -155,18 +170,25 @@ def _flops_per_token(model, trains_base: bool, seq: int) -> float:
     return (6 if trains_base else 4) * n + attention
 
 
-def _resume(cfg: Config, log: RunLog, optimizer: FlatAdamW, compat: dict, path: Path | None) -> int:
+def _layout(named_params) -> dict:
+    """Names and shapes of the trainable parameters in TrainStep's two groups (matrices, then vectors): a
+    checkpoint's optimizer buffers are only loaded into the same layout."""
+    return {"decay": [[n, list(p.shape)] for n, p in named_params if p.dim() >= 2],
+            "no_decay": [[n, list(p.shape)] for n, p in named_params if p.dim() < 2]}
+
+
+def _optimizer_tensors(groups) -> dict:
+    return {f"group{i}.{k}": v for i, g in enumerate(groups) for k, v in g.state_dict().items()}
+
+
+def _resume(cfg: Config, log: RunLog, groups, layout: dict, compat: dict, path: Path | None) -> int:
     """Load a checkpoint into the optimizer (master weights -> parameters) and the RNG; -> the step to start at."""
     if path is None:
-        if checkpoint.list_checkpoints(cfg.output_dir) and cfg.resume_from_checkpoint is False:
-            raise CheckpointError("output_dir holds checkpoints of an earlier run; starting afresh would mix them "
-                                  "with this run's", key="resume_from_checkpoint", file=cfg.output_dir,
-                                  fix="set resume_from_checkpoint: true to continue that run, or choose a new "
-                                      "output_dir")
         return 0
     state, tensors, rng = checkpoint.load(path)
-    checkpoint.check_compatible(path, state["compat"], compat, state["layout"], optimizer.layout())
-    optimizer.load_state_tensors(tensors)
+    checkpoint.check_compatible(path, state["compat"], compat, state["layout"], layout)
+    for i, g in enumerate(groups):  # fp32 master -> the parameters (rounded once to the model dtype)
+        g.load_state_dict({k: tensors[f"group{i}.{k}"].to(g.master.device) for k in g.state_dict()})
     checkpoint.set_rng_state(rng)
     log.info(f"resumed from {path} at step {state['step']}")
     return int(state["step"])
@@ -211,12 +233,16 @@ def _sigterm_as_interrupt() -> None:
 def train(cfg: Config, command: str) -> int:
     import torch
 
-    from surogate.kernels import clip_scale
+    from .step import TrainStep, param_groups
 
     device = _device()
     out = _prepare_output_dir(cfg)
     check_supported(cfg, device=device.type)
     resume_path = checkpoint.resolve(cfg)
+    if resume_path is None and checkpoint.list_checkpoints(out):
+        raise CheckpointError("output_dir holds checkpoints of an earlier run; starting afresh would mix them with "
+                              "this run's", key="resume_from_checkpoint", file=str(out),
+                              fix="set resume_from_checkpoint: true to continue that run, or choose a new output_dir")
     resume_state = checkpoint.load(resume_path)[0] if resume_path else None
     log = RunLog(out, report_to=cfg.report_to, run_name=cfg.run_name or out.resolve().name, config=to_dict(cfg),
                  resume_step=resume_state["step"] if resume_state else 0, wandb_project=cfg.wandb_project)
@@ -224,6 +250,7 @@ def train(cfg: Config, command: str) -> int:
     log.rule(f"surogate {command}: {cfg.model} -> {out} on {device.type}")
 
     # data: tokenised once, reused while config, files and tokenizer are unchanged
+    _check_model_folder(cfg)
     tokenizer = Tokenizer(cfg.model, cfg.chat_template)
     data = prepare(cfg, tokenizer, command, log=log.info)
     plan = _plan(cfg, data)
@@ -236,23 +263,32 @@ def train(cfg: Config, command: str) -> int:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                         f"{model.config.vocab_size}", file=str(Path(cfg.model) / "config.json"),
                         fix="use the tokenizer that belongs to this model")
-    optimizer = FlatAdamW(model.trainable_parameters(), cfg)
+    named = model.trainable_parameters()
+    layout = _layout(named)
+    groups = param_groups(named, cfg.weight_decay)  # the parameters become views into flat buffers
     n_total = sum(p.numel() for p in model.parameters())
+    n_trained = sum(g.work.numel() for g in groups)
     log.info(f"model: {model.config.architecture}, "
-             f"{n_total / 1e6:.2f}M parameters, {optimizer.n_params / 1e6:.3f}M trained "
+             f"{n_total / 1e6:.2f}M parameters, {n_trained / 1e6:.3f}M trained "
              f"({'LoRA r=' + str(cfg.lora_rank) if cfg.lora else 'full'}), {str(dtype).replace('torch.', '')}")
     data_hash = data.train.header["hash"]
     compat = checkpoint.compat_values(cfg, str(dtype), data_hash)
-    start = _resume(cfg, log, optimizer, compat, resume_path)
+    start = _resume(cfg, log, groups, layout, compat, resume_path)
+    graphs = device.type == "cuda" and cfg.use_cuda_graphs is not False
+    if cfg.use_cuda_graphs and device.type != "cuda":
+        log.info("use_cuda_graphs: no CUDA device, the step runs eagerly")
+    train_step = TrainStep(model, groups, micro_batch=cfg.per_device_train_batch_size, seq_len=cfg.sequence_len,
+                           betas=(cfg.adamw_beta1, cfg.adamw_beta2), eps=cfg.adamw_epsilon,
+                           max_grad_norm=cfg.max_grad_norm, cuda_graphs=graphs, seed=cfg.seed)
 
-    batches = Batches(data.train, plan, cfg.seed, device)
+    batches = Batches(data.train, plan, cfg.seed)
     epochs = plan.max_steps * plan.rows_per_step / plan.n_rows
     log.info(f"plan: {plan.max_steps} steps x {plan.rows_per_step} rows of {plan.sequence_len} tokens "
              f"({plan.tokens_per_step} tokens/step, {epochs:.2f} epochs of {plan.n_rows} rows); warmup "
              f"{warmup_steps(cfg, plan.max_steps)}, {cfg.lr_scheduler_type} schedule, peak lr {cfg.learning_rate:g}")
     flops_per_step = _flops_per_token(model, not cfg.lora, plan.sequence_len) * plan.tokens_per_step
     peak = peak_flops(device)
-    checkpoint_state = {"compat": compat, "layout": optimizer.layout()}
+    checkpoint_state = {"compat": compat, "layout": layout}
     interrupt_after = int(os.environ.get(INTERRUPT_ENV, "-1"))
     _sigterm_as_interrupt()
     last_eval_step = -1
@@ -280,21 +316,12 @@ def train(cfg: Config, command: str) -> int:
                 raise KeyboardInterrupt
             t0 = time.perf_counter()
             lr = lr_at(step, cfg, plan.max_steps)
-            rows = batches.rows(step)
-            n_window = max(1, batches.trained_tokens(rows))  # normaliser for every micro-batch of the window
-            loss_total = torch.zeros((), dtype=torch.float32, device=device)
-            for micro in rows:
-                input_ids, labels, position_ids = batches.tensors(micro)
-                loss_sum, _ = model.loss_sum(input_ids, labels, position_ids)
-                (loss_sum / n_window).backward()  # grads accumulate in place in the optimizer's flat buffer
-                loss_total += loss_sum.detach()
-            norm = optimizer.grad_norm()
-            scale = clip_scale(norm, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            optimizer.step(lr=lr, step=step + 1, grad_scale=scale)  # also writes the parameters
-            optimizer.zero_grad()
+            # every micro-batch backpropagates loss_sum / (trained tokens of the whole window), counted on the host
+            # from the labels first; grads accumulate in place in flat buffers; then norm, clip and AdamW
+            loss_sum, n_window, norm = train_step(batches.micro_batches(batches.rows(step)), lr=lr, step=step + 1)
             step += 1
 
-            loss = loss_total.item() / n_window  # the step's one host sync
+            loss = loss_sum.item() / max(1, n_window)  # the step's one host sync
             dt = time.perf_counter() - t0
             epoch, frac = plan.epoch_progress(step)
             since_eval.append(loss)
@@ -310,7 +337,7 @@ def train(cfg: Config, command: str) -> int:
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < plan.max_steps:
                 evaluate(step)
             if cfg.save_steps and step % cfg.save_steps == 0 and step < plan.max_steps:
-                path = checkpoint.save(out, step, optimizer_tensors=optimizer.state_tensors(),
+                path = checkpoint.save(out, step, optimizer_tensors=_optimizer_tensors(groups),
                                        state={**checkpoint_state, "rows_consumed": step * plan.rows_per_step},
                                        keep=cfg.save_total_limit)
                 log.info(f"checkpoint: {path}")
