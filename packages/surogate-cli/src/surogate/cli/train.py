@@ -218,15 +218,20 @@ def _save_final(model, tokenizer: Tokenizer, cfg: Config, out: Path) -> Path:
     return final
 
 
-def _sigterm_as_interrupt() -> None:
-    """A scheduler's SIGTERM stops the run like Ctrl-C: cleanly, nothing half-written."""
+def _sigterm_as_interrupt():
+    """A scheduler's SIGTERM stops the run like Ctrl-C: cleanly, nothing half-written. -> the previous handler."""
     def handler(signum, frame):
         raise KeyboardInterrupt
 
     try:
-        signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
-        pass
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------------------ train
@@ -290,7 +295,7 @@ def train(cfg: Config, command: str) -> int:
     peak = peak_flops(device)
     checkpoint_state = {"compat": compat, "layout": layout}
     interrupt_after = int(os.environ.get(INTERRUPT_ENV, "-1"))
-    _sigterm_as_interrupt()
+    previous_sigterm = _sigterm_as_interrupt()
     last_eval_step = -1
     since_eval: list[float] = []
 
@@ -351,6 +356,8 @@ def train(cfg: Config, command: str) -> int:
         log.plot()
         log.close()
         return 130
+    finally:
+        _restore_sigterm(previous_sigterm)
     log.stop_progress()
     train_time = time.perf_counter() - t_start
 
