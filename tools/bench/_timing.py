@@ -45,3 +45,19 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), repeat=20)
     return 2 * nbytes / ms / 1e6
+
+
+def queued_ms(fn, *, calls: int = 50) -> float:
+    """Mean time of `fn()` in ms over `calls` back-to-back calls between two events: GPU time whenever launching
+    is faster than running (Triton's ~10-20 us launches). For code that cannot be captured in a CUDA graph
+    (a failed capture leaves torch's CUDA RNG unusable, so such code is never captured)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls

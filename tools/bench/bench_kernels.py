@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import copy_bandwidth_gbs, graph_ms, median_ms  # noqa: E402
+from _timing import copy_bandwidth_gbs, graph_ms, median_ms, queued_ms  # noqa: E402
 
 ROWS = 4096  # tokens per micro-step: 2 x 2048
 HIDDEN = {"qwen3-0.6b": 1024, "qwen3-1.7b": 2048, "qwen3-4b": 2560, "qwen3-8b": 4096}
@@ -53,10 +53,7 @@ def bench_rms_norm(dtype):
             pass
         for provider, (fwd, bwd) in cases.items():
             for mode, fn, nbytes in (("forward", fwd, fwd_bytes), ("backward", bwd, bwd_bytes)):
-                try:
-                    gpu = graph_ms(fn)
-                except Exception:  # not capturable (e.g. autograd.grad): fall back to eager timing
-                    gpu = float("nan")
+                gpu = queued_ms(fn) if provider == "liger" else graph_ms(fn)
                 eager = median_ms(fn)
                 rows_out.append(dict(op="rms_norm", provider=provider, mode=mode, model=model, hidden=hidden,
                                      dtype=str(dtype).split(".")[-1], graph_us=gpu * 1e3, eager_us=eager * 1e3,
@@ -81,10 +78,7 @@ def _peak_mib(fn) -> float:
 
 def _row(op, provider, mode, model, hidden, dtype, fn, nbytes=None, flops=None, peak=False):
     """One CSV row: CUDA-graph time (NaN when not capturable), eager time, GB/s and TFLOP/s from the better one."""
-    try:
-        gpu = graph_ms(fn)
-    except Exception:
-        gpu = NAN
+    gpu = queued_ms(fn) if provider.startswith("liger") else graph_ms(fn)
     eager = median_ms(fn)
     ms = gpu if gpu == gpu else eager
     return dict(op=op, provider=provider, mode=mode, model=model, hidden=hidden, dtype=str(dtype).split(".")[-1],
