@@ -34,8 +34,13 @@ def graph_ms(fn, *, repeat: int = 20) -> float:
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # not capturable: report NaN rather than stop the whole benchmark
+        print(f"# capture failed ({type(e).__name__}: {str(e)[:120]}); graph time NaN")
+        torch.cuda.synchronize()
+        return float("nan")
     return median_ms(graph.replay, warmup=3, repeat=repeat)
 
 

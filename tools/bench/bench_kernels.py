@@ -19,6 +19,19 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import copy_bandwidth_gbs, graph_ms, median_ms, queued_ms  # noqa: E402
 
+# Inputs are drawn on the CPU and moved: a capture that fails (some peer code) leaves torch's CUDA generator unusable.
+def _randn(*shape, device="cpu", dtype=torch.float32):
+    return torch.randn(*shape).to(device=device, dtype=dtype)
+
+
+def _randn_like(t):
+    return _randn(*t.shape, device=t.device, dtype=t.dtype)
+
+
+def _randint(low, high, shape, device="cpu"):
+    return torch.randint(low, high, shape).to(device)
+
+
 ROWS = 4096  # tokens per micro-step: 2 x 2048
 HIDDEN = {"qwen3-0.6b": 1024, "qwen3-1.7b": 2048, "qwen3-4b": 2560, "qwen3-8b": 4096}
 
@@ -28,9 +41,9 @@ def bench_rms_norm(dtype):
 
     rows_out = []
     for model, hidden in HIDDEN.items():
-        x = torch.randn(ROWS, hidden, device="cuda", dtype=dtype)
-        w = torch.randn(hidden, device="cuda", dtype=dtype)
-        dy = torch.randn_like(x)
+        x = _randn(ROWS, hidden, device="cuda", dtype=dtype)
+        w = _randn(hidden, device="cuda", dtype=dtype)
+        dy = _randn_like(x)
         y, rstd = rms_norm.forward(x, w, 1e-6)
         esize = x.element_size()
         fwd_bytes = 2 * x.numel() * esize + hidden * esize + ROWS * 4
@@ -95,8 +108,8 @@ def bench_cross_entropy(dtype):
 
     rows_out = []
     for model, vocab in VOCAB.items():
-        logits = torch.randn(ROWS, vocab, device="cuda", dtype=dtype)
-        targets = torch.randint(0, vocab, (ROWS,), device="cuda")
+        logits = _randn(ROWS, vocab, device="cuda", dtype=dtype)
+        targets = _randint(0, vocab, (ROWS,), device="cuda")
         targets[::10] = -100
         nbytes = 3 * logits.numel() * logits.element_size()
         scale = torch.tensor(1.0 / ROWS, device="cuda")
@@ -137,9 +150,9 @@ def bench_fused_linear_cross_entropy(dtype):
     rows_out = []
     vocab = VOCAB["qwen"]
     for model, hidden in HIDDEN.items():
-        h = torch.randn(ROWS, hidden, device="cuda", dtype=dtype)
-        w = torch.randn(vocab, hidden, device="cuda", dtype=dtype) * hidden**-0.5
-        targets = torch.randint(0, vocab, (ROWS,), device="cuda")
+        h = _randn(ROWS, hidden, device="cuda", dtype=dtype)
+        w = _randn(vocab, hidden, device="cuda", dtype=dtype) * hidden**-0.5
+        targets = _randint(0, vocab, (ROWS,), device="cuda")
         flops = 6 * ROWS * vocab * hidden
         scale = torch.tensor(1.0 / ROWS, device="cuda")
         hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -173,9 +186,9 @@ def bench_embedding(dtype):
     rows_out = []
     vocab = VOCAB["qwen"]
     for model, hidden in HIDDEN.items():
-        table = torch.randn(vocab, hidden, device="cuda", dtype=dtype)
-        ids = torch.randint(0, vocab, (ROWS,), device="cuda")
-        dx = torch.randn(ROWS, hidden, device="cuda", dtype=dtype)
+        table = _randn(vocab, hidden, device="cuda", dtype=dtype)
+        ids = _randint(0, vocab, (ROWS,), device="cuda")
+        dx = _randn(ROWS, hidden, device="cuda", dtype=dtype)
         esize = table.element_size()
         fwd_bytes = 2 * ROWS * hidden * esize + ROWS * 8
         bwd_bytes = (vocab + ROWS) * hidden * esize + ROWS * 8
@@ -196,7 +209,7 @@ def bench_bias_grad(dtype):
 
     rows_out = []
     for model, n_cols in {"qwen2-0.5b": 896 + 2 * 128, "qwen2-1.5b": 1536 + 2 * 256, "qwen2-7b": 3584 + 2 * 512}.items():
-        dy = torch.randn(ROWS, n_cols, device="cuda", dtype=dtype)
+        dy = _randn(ROWS, n_cols, device="cuda", dtype=dtype)
         nbytes = dy.numel() * dy.element_size()
         for provider, fn in (("surogate", lambda: bias_grad(dy)), ("torch", lambda: dy.sum(0))):
             rows_out.append(_row("bias_grad", provider, "backward", model, n_cols, dtype, fn, nbytes=nbytes))
@@ -210,7 +223,7 @@ def bench_abs_max(dtype):
     rows_out = []
     for name, shape in {"w-4096x4096": (4096, 4096), "emb-151936x1024": (151936, 1024),
                         "act-4096x24576": (ROWS, 24576)}.items():
-        x = torch.randn(*shape, device="cuda", dtype=dtype)
+        x = _randn(*shape, device="cuda", dtype=dtype)
         nbytes = x.numel() * x.element_size()
         for provider, fn in (("surogate", lambda: abs_max(x)), ("torch", lambda: x.abs().amax())):
             rows_out.append(_row("abs_max", provider, "forward", name, shape[-1], dtype, fn, nbytes=nbytes))
@@ -224,8 +237,8 @@ def bench_adamw(dtype):
 
     rows_out = []
     for model, n in {"qwen3-0.6b": 596_049_920, "qwen3-1.7b": 1_720_574_976}.items():
-        p = torch.randn(n, device="cuda")
-        g = torch.randn(n, device="cuda", dtype=dtype)
+        p = _randn(n, device="cuda")
+        g = _randn(n, device="cuda", dtype=dtype)
         m, v = torch.zeros_like(p), torch.zeros_like(p)
         work = torch.empty(n, device="cuda", dtype=torch.bfloat16)
         lr, step = torch.tensor(1e-4, device="cuda"), torch.tensor(1.0, device="cuda")
@@ -279,10 +292,10 @@ def bench_fused_add_rms_norm(dtype):
 
     rows_out = []
     for model, hidden in HIDDEN.items():
-        residual = torch.randn(ROWS, hidden, device="cuda", dtype=dtype)
-        x = torch.randn_like(residual)
-        w = torch.randn(hidden, device="cuda", dtype=dtype)
-        dy, dh = torch.randn_like(x), torch.randn_like(x)
+        residual = _randn(ROWS, hidden, device="cuda", dtype=dtype)
+        x = _randn_like(residual)
+        w = _randn(hidden, device="cuda", dtype=dtype)
+        dy, dh = _randn_like(x), _randn_like(x)
         y, h, rstd = op.forward(residual, x, w, 1e-6)
         n = x.numel() * x.element_size()
         fwd_bytes = 4 * n + hidden * x.element_size() + ROWS * 4
@@ -316,8 +329,8 @@ def bench_rope(dtype):
 
     rows_out = []
     for model, (n_q, n_kv, head_dim, theta, scaling) in ATTENTION.items():
-        qkv = torch.randn(ROWS, (n_q + 2 * n_kv) * head_dim, device="cuda", dtype=dtype)
-        d_qkv = torch.randn_like(qkv)
+        qkv = _randn(ROWS, (n_q + 2 * n_kv) * head_dim, device="cuda", dtype=dtype)
+        d_qkv = _randn_like(qkv)
         pos = _positions()
         inv_freq = rope.rope_inv_freq(head_dim, theta, scaling).cuda()
         args = (pos, inv_freq, n_q, n_kv, head_dim)
@@ -329,14 +342,14 @@ def bench_rope(dtype):
         try:
             from liger_kernel.ops.rope import LigerRopeFunction
 
-            q = torch.randn(1, n_q, ROWS, head_dim, device="cuda", dtype=dtype)
-            k = torch.randn(1, n_kv, ROWS, head_dim, device="cuda", dtype=dtype)
+            q = _randn(1, n_q, ROWS, head_dim, device="cuda", dtype=dtype)
+            k = _randn(1, n_kv, ROWS, head_dim, device="cuda", dtype=dtype)
             angle = pos.float()[:, None] * inv_freq[None, :]
             cos = torch.cat([angle, angle], -1).cos().to(dtype)[None]
             sin = torch.cat([angle, angle], -1).sin().to(dtype)[None]
             qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
             ql, kl = LigerRopeFunction.apply(qg, kg, cos, sin)
-            dq, dk = torch.randn_like(q), torch.randn_like(k)
+            dq, dk = _randn_like(q), _randn_like(k)
             cases["liger"] = (lambda: LigerRopeFunction.apply(q, k, cos, sin),
                               lambda: torch.autograd.grad((ql, kl), (qg, kg), (dq, dk), retain_graph=True))
         except Exception:
@@ -357,11 +370,11 @@ def bench_qk_norm_rope(dtype):
     for model, (n_q, n_kv, head_dim, theta, scaling) in ATTENTION.items():
         if not model.startswith("qwen3"):
             continue
-        qkv = torch.randn(ROWS, (n_q + 2 * n_kv) * head_dim, device="cuda", dtype=dtype)
+        qkv = _randn(ROWS, (n_q + 2 * n_kv) * head_dim, device="cuda", dtype=dtype)
         saved = qkv.clone()
-        d_qkv = torch.randn_like(qkv)
-        qw = torch.randn(head_dim, device="cuda", dtype=dtype)
-        kw = torch.randn_like(qw)
+        d_qkv = _randn_like(qkv)
+        qw = _randn(head_dim, device="cuda", dtype=dtype)
+        kw = _randn_like(qw)
         pos = _positions()
         inv_freq = rope.rope_inv_freq(head_dim, theta, scaling).cuda()
         heads = (n_q, n_kv, head_dim)
@@ -388,8 +401,8 @@ def bench_swiglu(dtype):
 
     rows_out = []
     for model, inter in INTERMEDIATE.items():
-        gate_up = torch.randn(ROWS, 2 * inter, device="cuda", dtype=dtype)
-        dh = torch.randn(ROWS, inter, device="cuda", dtype=dtype)
+        gate_up = _randn(ROWS, 2 * inter, device="cuda", dtype=dtype)
+        dh = _randn(ROWS, inter, device="cuda", dtype=dtype)
         esize = gate_up.element_size()
         fwd_bytes = 3 * ROWS * inter * esize
         bwd_bytes = 5 * ROWS * inter * esize
