@@ -115,7 +115,12 @@ def check_kernels(shape, dtype, double_quant, generator, device):
     ref = nf4.reference_quantize(w, 64, double_quant)
     got = nf4.quantize_kernel(w.to(device), 64, double_quant).to("cpu")
     assert torch.equal(got.codes, ref.codes)
-    assert torch.equal(got.block_absmax(), ref.block_absmax())
+    if double_quant:
+        # the double quantisation runs as torch ops on the device: the fp32 mean of the absmax values may sum in
+        # another order on a GPU (one ulp), so the decoded absmax agree to fp32 rounding, not bit for bit
+        assert torch.allclose(got.block_absmax(), ref.block_absmax(), rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(got.absmax, ref.absmax)
     for out_dtype in (torch.float32, torch.bfloat16):
         back = nf4.dequantize_kernel(ref.to(device), out_dtype).cpu()
         assert back.dtype == out_dtype and torch.equal(back, nf4.reference_dequantize(ref, out_dtype))

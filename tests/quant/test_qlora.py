@@ -86,4 +86,9 @@ def test_quantized_weight_on_gpu_matches_cpu(fmt, generator):
     w = (torch.randn(4096, 4096, generator=generator) * 0.02).bfloat16()
     gpu = QuantizedWeight.quantize(w.cuda(), fmt)
     cpu = QuantizedWeight.quantize(w, fmt)
-    assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+    assert torch.equal(gpu.data.codes.cpu(), cpu.data.codes)
+    if fmt == "nf4":  # the absmax mean (double quantisation) may round differently on the GPU: one bf16 ulp at most
+        diff = (gpu.dequantize().cpu().float() - cpu.dequantize().float()).abs()
+        assert (diff <= cpu.dequantize().float().abs() * 2.0**-8).all()
+    else:
+        assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())

@@ -37,9 +37,16 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+_ON_DEVICE: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+
 def dynamic_map(signed: bool = True, device="cpu") -> torch.Tensor:
-    """The 256 sorted fp32 values of the signed (m, NF4 absmax) or unsigned (v) dynamic map."""
-    return _dynamic_map_cpu(signed).to(device)
+    """The 256 sorted fp32 values of the signed (m, NF4 absmax) or unsigned (v) dynamic map. Cached per device (no
+    host-to-device copy after the first call: CUDA-graph capturable). Do not modify the returned tensor."""
+    key = (signed, torch.device(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = _dynamic_map_cpu(signed).to(device)
+    return _ON_DEVICE[key]
 
 
 def midpoints(qmap: torch.Tensor) -> torch.Tensor:

@@ -283,6 +283,17 @@ def hadamard_signs(seed: int) -> torch.Tensor:
     return (1 - 2 * bits).float()
 
 
+_SIGNS_ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _signs_on(seed: int, device) -> torch.Tensor:
+    """hadamard_signs on `device`, cached (no host-to-device copy inside a CUDA-graph capture)."""
+    key = (int(seed), torch.device(device))
+    if key not in _SIGNS_ON_DEVICE:
+        _SIGNS_ON_DEVICE[key] = hadamard_signs(seed).to(device)
+    return _SIGNS_ON_DEVICE[key]
+
+
 def hadamard_matrix() -> torch.Tensor:
     """Sylvester's 16x16 Hadamard matrix (entries +-1), float64."""
     h = torch.ones(1, 1, dtype=torch.float64)
@@ -333,7 +344,7 @@ def hadamard_kernel(x: torch.Tensor, seed: int = 0, inverse: bool = False) -> to
     y = torch.empty_like(x)
     n = (x.shape[0] // BLOCK) * x.shape[1]
     if n:
-        signs = hadamard_signs(seed).to(x.device)
+        signs = _signs_on(seed, x.device)
         _hadamard[x.dtype].launch(ceil_div(n, THREADS), THREADS, (x, signs, y, int(inverse)))
     return y
 
