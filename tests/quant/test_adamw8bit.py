@@ -6,7 +6,6 @@ from surogate.quant import dynamic8
 from surogate.quant.optim import AdamW8bit, AdamW8bitState, adamw8bit_step
 from surogate.quant.optim import adamw8bit as impl
 
-
 # fp32 rounding of map value * absmax and of the fp32 update, relative to the block absmax (a few 2^-24)
 FP32_SLACK = 1e-6
 
