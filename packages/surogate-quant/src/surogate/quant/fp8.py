@@ -199,7 +199,7 @@ def _scale_tensor(scale, device) -> torch.Tensor:
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"an FP8 scale must be finite and > 0, got {scale}")
-    return torch.tensor([scale], dtype=torch.float32, device=device)
+    return torch.full((1,), scale, dtype=torch.float32, device=device)  # a fill, no host copy (graph-capturable)
 
 
 def _check_input(x: torch.Tensor):

@@ -273,7 +273,7 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
 def _seed_tensor(seed, device) -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
         return seed.reshape(1).to(device=device, dtype=torch.int64)
-    return torch.tensor([int(seed) & 0xFFFFFFFF], dtype=torch.int64, device=device)
+    return torch.full((1,), int(seed) & 0xFFFFFFFF, dtype=torch.int64, device=device)  # a fill, no host copy
 
 
 @functools.lru_cache(maxsize=1024)
