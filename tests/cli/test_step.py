@@ -61,33 +61,50 @@ def test_cu_seqlens_bucket_pads_to_a_power_of_two():
     assert cu_seqlens_bucket(torch.arange(4).expand(1, 4)).tolist() == [0, 4]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("lora", [False, True])
-def test_cuda_graphs_equal_eager_on_gpu(lora, generator):
-    """The captured micro-step and optimizer step replay the same computation as eager mode: same losses, grad
-    norms and weights (up to FlashAttention's atomic dq accumulation, which is not bit-reproducible)."""
+def _gpu_run(lora, graphs, dtype, steps=5):
     config = dict(CONFIG, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=64, vocab_size=1000)
-    runs = []
-    for graphs in (False, True):
-        model = init_model(config, dtype=torch.bfloat16, device="cuda", seed=2,
-                           lora=LoraConfig(rank=8, alpha=16) if lora else None)
-        step = TrainStep(model, param_groups(model.trainable_parameters(), 0.1), micro_batch=2, seq_len=64,
-                         max_grad_norm=1.0, cuda_graphs=graphs)
-        g = torch.Generator().manual_seed(5)
-        losses, norms = [], []
-        for i in range(1, 6):
-            mbs = micro_batches(g, n=2, seq=64)  # token ids < 100, labels partly -100, two documents per row
-            loss_sum, valid, norm = step(mbs, lr=1e-3, step=i)
-            losses.append(loss_sum.item() / valid)
-            norms.append(norm.item())
-        runs.append((losses, norms, [p.detach().float().clone() for _, p in model.trainable_parameters()]))
-    (l0, n0, p0), (l1, n1, p1) = runs
-    assert losses_close(l0, l1) and losses_close(n0, n1), (l0, l1, n0, n1)
+    model = init_model(config, dtype=dtype, device="cuda", seed=2, lora=LoraConfig(rank=8, alpha=16) if lora else None)
+    if lora:  # move B off zero so that every adapter gets gradients from the first step
+        with torch.no_grad():
+            for name, p in model.trainable_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    step = TrainStep(model, param_groups(model.trainable_parameters(), 0.1), micro_batch=2, seq_len=64,
+                     max_grad_norm=1.0, cuda_graphs=graphs)
+    g = torch.Generator().manual_seed(5)
+    losses, norms = [], []
+    for i in range(1, steps + 1):
+        mbs = micro_batches(g, n=2, seq=64)  # token ids < 100, labels partly -100, two documents per row
+        loss_sum, valid, norm = step(mbs, lr=1e-3, step=i)
+        losses.append(loss_sum.item() / valid)
+        norms.append(norm.item())
+    return torch.tensor(losses), torch.tensor(norms), [p.detach().double().clone() for _, p in model.trainable_parameters()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora", [False, True])
+def test_cuda_graphs_equal_eager_on_gpu_fp32(lora):
+    """fp32 (reference attention, deterministic kernels): the replayed graphs compute what eager mode computes."""
+    l0, n0, p0 = _gpu_run(lora, False, torch.float32)
+    l1, n1, p1 = _gpu_run(lora, True, torch.float32)
+    assert (l0 - l1).abs().max() <= 1e-5 * l0.abs().max(), (l0, l1)
+    assert (n0 - n1).abs().max() <= 1e-4 * n0.abs().max(), (n0, n1)
     assert l1[-1] < l1[0]  # it trains
     for a, b in zip(p0, p1, strict=True):
-        assert (a - b).norm() <= 1e-2 * b.norm() + 1e-6
+        assert (a - b).norm() <= 1e-4 * a.norm()
 
 
-def losses_close(a, b, rel=2e-3):
-    return all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b, strict=True))
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora", [False, True])
+def test_cuda_graphs_equal_eager_on_gpu_bf16(lora):
+    """bf16 with FlashAttention, whose backward accumulates dq with atomics (not bit-reproducible, and AdamW's first
+    steps amplify that noise on small gradients): graphs must differ from eager no more than eager from itself."""
+    l0, n0, p0 = _gpu_run(lora, False, torch.bfloat16)
+    l0b, n0b, p0b = _gpu_run(lora, False, torch.bfloat16)
+    l1, n1, p1 = _gpu_run(lora, True, torch.bfloat16)
+    noise_l = (l0 - l0b).abs().max().item()
+    noise_p = max((a - b).norm().item() for a, b in zip(p0, p0b, strict=True))
+    assert (l0 - l1).abs().max().item() <= 4 * noise_l + 2e-3 * l0.abs().max().item(), (l0, l0b, l1)
+    assert max((a - b).norm().item() for a, b in zip(p0, p1, strict=True)) <= 4 * noise_p + 1e-2 * max(
+        a.norm().item() for a in p0)
