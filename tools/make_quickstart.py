@@ -5,11 +5,13 @@
 - model/tokenizer.json: a byte-level tokenizer built with the `tokenizers` library: the 256 byte symbols (one token
   per ASCII character, so every digit and letter of the task is its own token) plus <|endoftext|>, <|im_start|>,
   <|im_end|>. tokenizer_config.json carries the special tokens and a ChatML chat_template.
-- model/config.json + model.safetensors: Qwen3ForCausalLM, hidden 128, 4 layers, random init (normal, std 0.02;
-  norms 1), fp32, about 1M parameters.
-- data/train.jsonl, data/eval.jsonl: chat examples of one task, "Reverse the letters: knqw" -> "wqnk" (3 to 5
-  letters). The eval words never occur in training, so exact match on them measures learning, not memory.
-- data/text.txt: the same facts as plain sentences, for `surogate pt`.
+- model/config.json + model.safetensors: Qwen3ForCausalLM, hidden 128, 2 layers, random init (normal, std 0.02;
+  norms 1), fp32, 0.46M parameters. (Measured on 2 CPU cores: this model reverses words perfectly after ~400 steps
+  of 4 x 128 tokens; the same model with 4 layers had barely started to after 800.)
+- data/train.jsonl, data/eval.jsonl: chat examples of one task, "Reverse: knqw" -> "wqnk" (3 to 5 letters). The
+  200 eval words never occur in training (26^3 + 26^4 + 26^5 words exist, 8000 are trained on), so exact match on
+  them measures that the rule was learned, not memorised.
+- data/text.txt: the same task as plain sentences ("The reverse of abc is cba."), for `surogate pt`.
 Deterministic: the same seed gives the same files.
 """
 
@@ -37,7 +39,7 @@ MODEL = {
     "model_type": "qwen3",
     "hidden_size": 128,
     "intermediate_size": 384,
-    "num_hidden_layers": 4,
+    "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 32,
@@ -69,11 +71,11 @@ def build_tokenizer() -> Tokenizer:
 
 
 def task(rng: random.Random, used: set[str] | None = None) -> tuple[str, str, str]:
-    """(word, prompt, answer) of a word not in `used`."""
+    """(word, prompt, answer) for a random word of 3 to 5 letters not in `used`."""
     while True:
         word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
         if used is None or word not in used:
-            return word, f"Reverse the letters: {word}", word[::-1]
+            return word, f"Reverse: {word}", word[::-1]
 
 
 def chat(prompt: str, answer: str) -> dict:
@@ -150,7 +152,7 @@ def main() -> None:
     lines = []
     for _ in range(N_TRAIN // 2):
         word, _, answer = task(rng, eval_words)
-        lines.append(f"The letters {word} reversed are {answer}.")
+        lines.append(f"The reverse of {word} is {answer}.")
     (data_dir / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     n_params = sum(v.numel() for v in weights.values())
     size = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file())

@@ -259,3 +259,10 @@ def test_validation_split_is_seeded_and_feeds_generation_prompts(tmp_path, chatm
     assert not any(f"{a}<|im_end|>" in trained for a in answers)  # held-out answers are never trained on
     cfg2 = _cfg(chatml_model, tmp_path / "again", [DatasetConfig(path=str(path))], validation_split_ratio=0.25)
     assert {p["answer"] for p in _run(cfg2)[0].eval_prompts} == answers
+
+
+def test_split_and_subset_are_for_hub_datasets_only(tmp_path, chatml_model):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x y"}])
+    with pytest.raises(DataError, match="applies to Hugging Face Hub datasets") as e:
+        _run(_cfg(chatml_model, tmp_path, [DatasetConfig(path=str(path), type="text", split="test")]))
+    assert "split" in str(e.value) and "samples" in str(e.value)

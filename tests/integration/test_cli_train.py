@@ -34,7 +34,7 @@ def test_sft_full_writes_a_hf_folder_metrics_plot_and_eval(tmp_path, capsys):
     assert [r["step"] for r in metrics(folder, "eval")] == [2, 4]
     (final,) = metrics(folder, "final")
     assert 0.0 <= final["exact_match"] <= 1.0 and np.isfinite(final["eval_loss"])
-    assert "step      4/4" in out and "exact match:" in out
+    assert "step      4/4 [epoch 1" in out and "exact match:" in out
     assert (folder / "training_plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "lora: false" in (folder / "resolved_config.yaml").read_text()
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -96,3 +96,40 @@ def test_tokenize_debug_marks_trained_tokens(tmp_path, capsys):
     assert code == 0, err
     assert "row 0:" in out and "row 1:" in out and "[[" in out and "<|im_end|>" in out
     assert (tmp_path / "out" / "tokenized" / "train.tok").is_file()
+
+
+def test_tokenize_accepts_every_dataset_type(tmp_path, capsys):
+    import json
+
+    turns = [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"}]
+    rows = {
+        "messages": {"messages": turns},
+        "sharegpt": {"conversations": [{"from": "human", "value": "Reverse: abc"}, {"from": "gpt", "value": "cba"}]},
+        "alpaca": {"instruction": "Reverse", "input": "abc", "output": "cba"},
+        "instruction": {"instruction": "Reverse abc", "output": "cba"},
+        "conversation": {"messages": turns},
+        "text": {"text": "abc reversed is cba"},
+        "auto": {"question": "Reverse abc", "answer": "cba"},
+    }
+    datasets = []
+    for type_, row in rows.items():
+        path = tmp_path / f"{type_}.jsonl"
+        path.write_text((json.dumps(row) + "\n") * 2)
+        datasets.append({"path": str(path), "type": type_})
+    code, out, err = run(["tokenize", write_config(tmp_path, datasets=datasets, validation_datasets=[],
+                                                   validation_split_ratio=0.0)], capsys)
+    assert code == 0, err
+    shown = {"sharegpt": "messages", "auto": "response"}
+    for type_ in rows:
+        assert f"{type_}.jsonl ({shown.get(type_, type_)}): 2 rows -> 2 train + 0 eval documents" in out
+
+
+def test_report_to_a_missing_package_is_an_error(tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    code, _, err = run(["sft", write_config(tmp_path, report_to=["tensorboard"])], capsys)
+    assert code == 2 and "report_to" in err and 'pip install "surogate-cli[report]"' in err

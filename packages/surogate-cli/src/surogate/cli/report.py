@@ -2,7 +2,7 @@
 tensorboard / wandb.
 
 Step line (every logging_steps):
-    step   40/400 [ 10.0%] | loss 1.2345 | norm 0.812 | lr 1.00e-03 | 52.1k tok/s | MFU 38.2% | mem 12.3 GB
+    step     40/400 [epoch 1  10.0%] | loss 1.2345 | norm 0.812 | lr 1.00e-03 | 52.1k tok/s | MFU 38.2% | mem 12.3 GB
 The percentage is progress through the epoch being trained; tok/s counts every token of the step's rows
 (micro-batch x sequence_len x accumulation), padding included, as the reference does; MFU = model FLOPs / peak
 dense bf16 FLOPs of the GPU (shown only on a GPU we know); memory is the peak allocated on the GPU, or the peak RSS
@@ -120,7 +120,8 @@ class RunLog:
         if print_line:
             r = record
             mfu = f" | MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
-            self.info(f"step {r['step']:>6}/{total} [{100 * r['epoch_progress']:5.1f}%] | loss {r['loss']:.4f} | "
+            self.info(f"step {r['step']:>6}/{total} [epoch {r['epoch'] + 1} {100 * r['epoch_progress']:5.1f}%] | "
+                      f"loss {r['loss']:.4f} | "
                       f"norm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | {_fmt_rate(r['tok_per_s'])} tok/s{mfu} | "
                       f"mem {r['mem_gb']:.2f} GB")
 
@@ -164,7 +165,7 @@ class RunLog:
         xs = [r["step"] for r in steps]
         ys = [r["loss"] for r in steps]
         smooth, s = [], ys[0]
-        alpha = 2.0 / (1.0 + max(1, min(50, len(ys) // 10)))
+        alpha = 2.0 / (1.0 + max(1, min(20, len(ys) // 40)))  # EMA over ~len/40 steps: little lag
         for y in ys:
             s = alpha * y + (1 - alpha) * s
             smooth.append(s)

@@ -330,7 +330,9 @@ def train(cfg: Config, command: str) -> int:
             dt = time.perf_counter() - t0
             epoch, frac = plan.epoch_progress(step)
             since_eval.append(loss)
-            log.step({"step": step, "epoch": epoch, "epoch_progress": frac if frac or not epoch else 1.0,
+            if frac == 0.0 and epoch > 0:  # the step that ends an epoch shows it at 100%
+                epoch, frac = epoch - 1, 1.0
+            log.step({"step": step, "epoch": epoch, "epoch_progress": frac,
                       "loss": loss, "grad_norm": float(norm), "lr": lr, "trained_tokens": n_window,
                       "tok_per_s": plan.tokens_per_step / dt, "step_time_s": dt,
                       "mfu": flops_per_step / dt / peak if peak else None, "mem_gb": peak_memory_gb(device)},

@@ -77,6 +77,11 @@ def load_rows(ds: DatasetConfig) -> tuple[list[Row], list[BadRow]]:
     files = dataset_files(ds)
     rows: list[Row] = []
     bad: list[BadRow] = []
+    if files is not None and (ds.split != "train" or ds.subset):
+        key = "subset" if ds.subset else "split"
+        raise DataError(f"`{key}` applies to Hugging Face Hub datasets; a local file or folder is read whole",
+                        file=ds.path, key=key, fix="remove it (use `samples: N` to take the first N rows, or "
+                        "validation_split_ratio / validation_datasets for a held-out part)")
     if files is None:
         rows = _load_hub(ds)
     else:
