@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from surogate.kernels.ops import rms_norm
 from surogate.kernels.testing import assert_close, randn
 from surogate.kernels.torch import RMSNorm
@@ -57,7 +56,9 @@ def test_module_matches_float64_autograd(generator):
 
 
 @pytest.mark.sim
-@pytest.mark.parametrize("rows,cols", [(3, 45), (2, 64)])
+# 45: one value per load; 5 rows: in the simulator's backward grid (2 blocks of 2 row slots, or of 1 slot from 264
+# columns) a block takes several rounds and a slot idles in the last one; 264: lanes past the row end
+@pytest.mark.parametrize("rows,cols", [(3, 45), (2, 64), (5, 24), (5, 264)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_in_simulator(rows, cols, dtype, generator):
     check(rms_norm.forward, rms_norm.backward, rows, cols, dtype, generator)
@@ -68,6 +69,13 @@ def test_kernel_in_simulator(rows, cols, dtype, generator):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_on_gpu(cols, dtype, generator):
     check(rms_norm.forward, rms_norm.backward, 4096, cols, dtype, generator, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,cols", [(1037, 1024), (1, 2048), (77, 2560)])
+def test_kernel_on_gpu_odd_rows(rows, cols, generator):
+    """Row counts that leave row slots of the backward idle in the last round."""
+    check(rms_norm.forward, rms_norm.backward, rows, cols, torch.bfloat16, generator, device="cuda")
 
 
 @pytest.mark.gpu

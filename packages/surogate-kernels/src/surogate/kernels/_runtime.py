@@ -102,6 +102,18 @@ if SIMULATOR:
         return total
 
     @device_function
+    def row_sum(value, scratch):
+        """Sum of `value` over threadIdx.x, for each threadIdx.y apart (see the GPU version for the contract)."""
+        tid = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+        scratch[tid] = value
+        cuda.syncthreads()
+        first = tid - cuda.threadIdx.x
+        total = float32(0.0)
+        for i in range(cuda.blockDim.x):
+            total += scratch[first + i]
+        return total
+
+    @device_function
     def lane_group_sum(value, width, scratch):
         """Sum of `value` over aligned groups of `width` lanes (a power of two <= 32); every lane of a group gets it.
         The simulator has no shuffles: this goes through shared memory (`scratch`, REDUCE_SLOTS fp32) with block
@@ -172,6 +184,24 @@ else:
         value = scratch[lane] if lane < n_warps else float32(0.0)
         value = _warp_sum(value)
         cuda.syncthreads()  # everyone has read scratch before it is reused
+        return cuda.shfl_sync(0xFFFFFFFF, value, 0)
+
+    @device_function
+    def row_sum(value, scratch):
+        """Sum of `value` over threadIdx.x, for each threadIdx.y apart (a 2-D block whose rows of blockDim.x threads,
+        a multiple of 32, work on different data); every thread of a row gets its row's sum. Every thread of the
+        block must call it (a block barrier). It ends without a second barrier: `scratch` (REDUCE_SLOTS fp32) must
+        not be written again before every thread has read it, so a caller in a loop alternates two scratch buffers
+        (the barrier of the next call then orders the reuse)."""
+        lane = cuda.threadIdx.x % WARP
+        row_warps = cuda.blockDim.x // WARP
+        first = cuda.threadIdx.y * row_warps
+        value = _warp_sum(value)
+        if lane == 0:
+            scratch[first + cuda.threadIdx.x // WARP] = value
+        cuda.syncthreads()
+        value = scratch[first + lane] if lane < row_warps else float32(0.0)
+        value = _warp_sum(value)
         return cuda.shfl_sync(0xFFFFFFFF, value, 0)
 
     @device_function
