@@ -63,7 +63,7 @@ def show_row(console, tokenizer, shard, r: int) -> None:
     plain = not console.is_terminal  # no colours (a pipe, a file): trained runs are bracketed as [[...]]
     text = Text()
     previous = None
-    for t, (tok, kind) in enumerate(zip(ids, kinds)):
+    for t, (tok, kind) in enumerate(zip(ids, kinds, strict=True)):
         if plain and previous == "trained" and kind != "trained":
             text.append("]]")
         if pos[t] == 0 and kind != "padding":

@@ -174,7 +174,7 @@ def _tokenize_dataset(ds: DatasetConfig, cfg: Config, tokenizer: Tokenizer, comm
 
     seq = cfg.sequence_len
     train, evaluation, prompts = [], [], []
-    for row, held_out in zip(rows, is_eval):
+    for row, held_out in zip(rows, is_eval, strict=True):
         try:
             example = to_example(row.data, ds, kind)
             if isinstance(example, Text):

@@ -32,7 +32,8 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"is not valid JSON ({e})", file=str(path), fix="restore the file from the model's source")
+        raise UserError(f"is not valid JSON ({e})", file=str(path),
+                        fix="restore the file from the model's source") from None
     if not isinstance(data, dict):
         raise UserError("must hold a JSON object", file=str(path), fix="restore the file from the model's source")
     return data
