@@ -486,7 +486,7 @@ def check_supported(cfg: Config, *, device: str, world_size: int = 1) -> None:
     if cfg.recompute_lora:
         missing.append(("recompute_lora", "true", "recompute_lora: false"))
     if world_size > 1:
-        missing.append(("mpirun", f"{world_size} processes", "run one process"))
+        missing.append(("data parallel", f"{world_size} processes", "run one process (no mpirun / torchrun)"))
     if missing:
         lines = "; ".join(f"{key}: {value}" for key, value, _ in missing)
         fixes = "; ".join(fix for _, _, fix in missing)

@@ -109,6 +109,14 @@ class Batches:
         return out
 
 
+def _launched_processes() -> int:
+    """Processes of this run according to the launcher (mpirun / torchrun set these); 1 for a plain command."""
+    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
 def _device():
     import torch
 
@@ -241,7 +249,7 @@ def train(cfg: Config, command: str) -> int:
 
     device = _device()
     out = _prepare_output_dir(cfg)
-    check_supported(cfg, device=device.type)
+    check_supported(cfg, device=device.type, world_size=_launched_processes())
     resume_path = checkpoint.resolve(cfg)
     if resume_path is None and checkpoint.list_checkpoints(out):
         raise CheckpointError("output_dir holds checkpoints of an earlier run; starting afresh would mix them with "
