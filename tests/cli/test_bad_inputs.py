@@ -127,8 +127,8 @@ def test_output_dir_not_writable(tmp_path, capsys):
 
 
 def test_feature_not_supported_yet(tmp_path, capsys):
-    _fails(capsys, ["sft", _config(tmp_path, recipe="nvfp4", offload_master=True)], "not supported yet",
-           "recipe: nvfp4", "offload_master")
+    _fails(capsys, ["sft", _config(tmp_path, optimizer="adamw_8bit", offload_master=True)], "not supported yet",
+           "optimizer: adamw_8bit", "offload_master")
 
 
 def test_several_processes_not_supported_yet(tmp_path, capsys, monkeypatch):

@@ -145,3 +145,4 @@ def test_not_supported_yet_is_an_error_not_a_fallback(tmp_path):
         check_supported(cfg, device="cpu")
     assert "recipe: nvfp4" in str(e.value) and "qlora_fp8" in str(e.value)
     check_supported(load_config(_write(tmp_path, "model: m\ndatasets: [{path: d}]\n")), device="cpu")
+    check_supported(cfg, device="cpu", model_options=frozenset({"recipe", "qlora"}))  # a models version that has them

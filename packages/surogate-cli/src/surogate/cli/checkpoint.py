@@ -28,7 +28,8 @@ FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8})$")
 # keys that must not change between a checkpoint and its resume: the model, what is trained, the data stream
 COMPAT_KEYS = ("model", "lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora",
-               "optimizer", "sequence_len", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+               "qlora_fp8", "qlora_fp4", "qlora_bnb", "recipe", "optimizer", "sequence_len",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -57,7 +58,8 @@ def compat_values(cfg: Config, dtype: str, data_hash: str) -> dict:
     values = {k: getattr(cfg, k) for k in COMPAT_KEYS}
     values["model"] = str(Path(cfg.model).resolve())
     if not cfg.lora:
-        for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora"):
+        for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "qlora_fp8",
+                  "qlora_fp4", "qlora_bnb"):
             values.pop(k)
     values["dtype"] = dtype
     values["data"] = data_hash

@@ -470,13 +470,18 @@ def recompute_flags(cfg: Config) -> dict[str, bool]:
                                                                  "lora")}
 
 
-def check_supported(cfg: Config, *, device: str, world_size: int = 1) -> None:
-    """Values this version accepts in the config but cannot run yet: a clear error, never a silent fallback."""
+QLORA_FORMATS = {"qlora_fp8": "fp8", "qlora_fp4": "nvfp4", "qlora_bnb": "nf4"}  # key -> surogate.models format
+
+
+def check_supported(cfg: Config, *, device: str, world_size: int = 1, model_options: frozenset = frozenset()
+                    ) -> None:
+    """Values this version accepts in the config but cannot run yet: a clear error, never a silent fallback.
+    model_options: the keyword arguments surogate.models.load_pretrained takes (recipe, qlora when it has them)."""
     missing = []
-    if cfg.recipe != "bf16":
+    if cfg.recipe != "bf16" and "recipe" not in model_options:
         missing.append(("recipe", cfg.recipe, "recipe: bf16"))
-    for key in ("qlora_fp8", "qlora_fp4", "qlora_bnb"):
-        if getattr(cfg, key):
+    for key in QLORA_FORMATS:
+        if getattr(cfg, key) and "qlora" not in model_options:
             missing.append((key, "true", f"{key}: false (plain LoRA)"))
     for key in ("offload_residual", "offload_master", "offload_optimizer", "offload_grads"):
         if getattr(cfg, key):

@@ -28,7 +28,7 @@ import attrs
 import numpy as np
 
 from . import checkpoint
-from .config import Config, check_supported, load_config, recompute_flags, to_dict, write_resolved
+from .config import QLORA_FORMATS, Config, check_supported, load_config, recompute_flags, to_dict, write_resolved
 from .data import PreparedData, Tokenizer, prepare
 from .errors import CheckpointError, UserError
 from .evaluate import eval_loss, exact_match
@@ -148,6 +148,15 @@ def _check_model_folder(cfg: Config) -> None:
     ModelConfig.from_hf(cfg.model)  # ModelError for a missing / invalid config.json or an unsupported architecture
 
 
+def _model_options() -> frozenset:
+    """Keyword arguments of surogate.models.load_pretrained: recipe and qlora exist only in versions that have them."""
+    import inspect
+
+    from surogate.models import load_pretrained
+
+    return frozenset(inspect.signature(load_pretrained).parameters)
+
+
 def _load_model(cfg: Config, device):
     import torch
     from surogate.models import LoraConfig, load_pretrained
@@ -161,7 +170,16 @@ def _load_model(cfg: Config, device):
                           target_modules=targets if isinstance(targets, str) else tuple(targets),
                           use_rslora=cfg.use_rslora)
     flags = {f"recompute_{k}": v for k, v in recompute_flags(cfg).items() if k != "lora"}
-    model = load_pretrained(cfg.model, dtype=dtype, device=device, lora=lora, recompute=flags)
+    extra = {}  # only non-default values: versions of surogate.models without recipes / QLoRA take none of these
+    if cfg.recipe != "bf16":
+        extra["recipe"] = cfg.recipe
+    qlora = [fmt for key, fmt in QLORA_FORMATS.items() if getattr(cfg, key)]
+    if qlora:
+        extra["qlora"] = qlora[0]
+        extra["qlora_options"] = {"fp8": {"tile": cfg.qlora_block_size}, "nvfp4": {},
+                                  "nf4": {"block_size": cfg.qlora_bnb_block_size,
+                                          "double_quant": cfg.qlora_bnb_double_quant}}[qlora[0]]
+    model = load_pretrained(cfg.model, dtype=dtype, device=device, lora=lora, recompute=flags, **extra)
     model.train()
     return model, dtype
 
@@ -249,7 +267,7 @@ def train(cfg: Config, command: str) -> int:
 
     device = _device()
     out = _prepare_output_dir(cfg)
-    check_supported(cfg, device=device.type, world_size=_launched_processes())
+    check_supported(cfg, device=device.type, world_size=_launched_processes(), model_options=_model_options())
     resume_path = checkpoint.resolve(cfg)
     if resume_path is None and checkpoint.list_checkpoints(out):
         raise CheckpointError("output_dir holds checkpoints of an earlier run; starting afresh would mix them with "
