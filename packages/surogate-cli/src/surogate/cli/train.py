@@ -385,7 +385,7 @@ def train(cfg: Config, command: str) -> int:
         return 130
     finally:
         _restore_sigterm(previous_sigterm)
-    log.stop_progress()
+        log.stop_progress()
     train_time = time.perf_counter() - t_start
 
     # ------------------------------------------------------------------------------------------ the end
