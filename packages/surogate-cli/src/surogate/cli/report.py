@@ -139,7 +139,8 @@ class RunLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         step = record.get("step", 0)
-        scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
+        prefix = {"step": "train"}.get(record["kind"], record["kind"])  # train/loss, eval/eval_loss, final/...
+        scalars = {f"{prefix}/{k}": v for k, v in record.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self._tb is not None:
             for k, v in scalars.items():
