@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import os
 import statistics
 
 import torch
@@ -66,3 +68,19 @@ def queued_ms(fn, *, calls: int = 50) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / calls
+
+
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Append long-format rows to a CSV; rows already there are kept and the header grows with new columns."""
+    if not path or not rows:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    old = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    fields = list(dict.fromkeys([k for r in old + rows for k in r]))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(old + rows)

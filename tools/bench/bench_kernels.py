@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import copy_bandwidth_gbs, graph_ms, median_ms, queued_ms  # noqa: E402
+from _timing import append_rows, copy_bandwidth_gbs, graph_ms, median_ms, queued_ms  # noqa: E402
 
 # Inputs are drawn on the CPU and moved: a capture that fails (some peer code) leaves torch's CUDA generator unusable.
 def _randn(*shape, device="cpu", dtype=torch.float32):
@@ -463,17 +463,7 @@ def main():
         print(f"{r['op']:{width}} {r['provider']:13} {r['mode']:8} {r['model']:15} {r['dtype']:8} {r['graph_us']:9.1f} "
               f"{r['eager_us']:9.1f} {r['gbs']:7.0f} {r['pct_copy']:6.1f} {r.get('tflops', NAN):7.1f} "
               f"{r.get('peak_mib', NAN):8.0f}")
-    if args.out:  # long format; rows are kept, and the header grows when new columns appear
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        old = []
-        if os.path.exists(args.out):
-            with open(args.out, newline="") as f:
-                old = list(csv.DictReader(f))
-        fields = list(dict.fromkeys([k for r in old + rows for k in r]))
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, restval="")
-            w.writeheader()
-            w.writerows(old + rows)
+    append_rows(args.out, rows)  # long format: rows kept, header grows with new columns
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import copy_bandwidth_gbs, graph_ms, median_ms  # noqa: E402
+from _timing import append_rows, copy_bandwidth_gbs, graph_ms, median_ms  # noqa: E402
 
 NAN = float("nan")
 TOKENS = 4096  # 2 x 2048 per micro-step
@@ -152,17 +152,7 @@ def main():
         r.update(date=stamp, gpu=gpu, pct_copy=100 * r["gbs"] / copy)
         print(f"{r['op']:22} {r['provider']:13} {r['case']:26} {r['graph_us']:9.1f} {r['eager_us']:9.1f} "
               f"{r['gbs']:7.0f} {r['pct_copy']:6.1f} {r['tflops']:8.1f} {r.get('speedup_vs_bf16', NAN):6.2f}")
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        old = []
-        if os.path.exists(args.out):
-            with open(args.out, newline="") as f:
-                old = list(csv.DictReader(f))
-        fields = list(dict.fromkeys([k for r in old + rows for k in r]))
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(old + rows)
+    append_rows(args.out, rows)  # long format: rows kept, header grows with new columns
 
 
 if __name__ == "__main__":
