@@ -148,8 +148,8 @@ class Config:
     recompute_lora: bool = _opt(False, "recompute LoRA intermediates in backward")
     use_cuda_graphs: bool | None = _opt(None, "capture the training step as CUDA graphs (default: on with a CUDA GPU;"
                                         " no effect on a CPU)")
-    zero_level: int = _opt(1, "ZeRO stage under mpirun: 1 optimizer state, 2 + gradients, 3 + weights sharded",
-                           choices=(1, 2, 3))
+    zero_level: int = _opt(1, "data parallel under mpirun: 0 plain (replicated), 1 optimizer state sharded, "
+                              "2 + gradients, 3 + weights (2 and 3 not supported yet)", choices=(0, 1, 2, 3))
     offload_residual: bool = _opt(False, "keep residual activations in host memory")
     offload_master: bool = _opt(False, "keep fp32 master weights in host memory")
     offload_optimizer: bool = _opt(False, "keep optimizer states in host memory")

@@ -169,12 +169,23 @@ class TrainStep:
             graph = self._micro_graphs[bucket] = self._capture(lambda: self._micro_step(cu))
         graph.replay()
 
+    # ------------------------------------------------------------------------------------------ data-parallel hooks
+    # (surogate.cli.distributed overrides these; in one process they count locally and reduce nothing)
+    capture_optimizer = True  # False when the optimizer step runs collectives (ZeRO): it then runs eagerly
+
+    def _count_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:
+        """Trained tokens of the step's window (the loss normaliser), counted on the host."""
+        return sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+
+    def _reduce_grads(self) -> None:
+        """Between the last micro-step and the optimizer step, outside any captured graph."""
+
     # ------------------------------------------------------------------------------------------ the public step
     def __call__(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, step: int):
         """micro_batches: dicts of CPU tensors input_ids, labels, position_ids [micro_batch, seq_len].
         Returns (loss_sum, valid_tokens, grad_norm): device tensors for the loss and norm (read them a step later
         to avoid a sync), the token count as a Python int (counted on the host)."""
-        valid = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        valid = self._count_tokens(micro_batches)
         self.inv_tokens.fill_(1.0 / max(valid, 1))
         self.loss_sum.zero_()
         for mb in micro_batches:
@@ -189,9 +200,10 @@ class TrainStep:
                     self.cu_seqlens[bucket] = torch.empty(bucket, dtype=torch.int32, device=self.device)
                 self.cu_seqlens[bucket].copy_(cu, non_blocking=True)
             self._run_micro(bucket)
+        self._reduce_grads()
         self.lr.fill_(lr)
         self.step.fill_(step)
-        if self.cuda_graphs:
+        if self.cuda_graphs and self.capture_optimizer:
             if self._optimizer_graph is None:
                 self._optimizer_graph = self._capture(self._optimizer_step)
             self._optimizer_graph.replay()

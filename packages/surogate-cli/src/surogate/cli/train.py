@@ -40,8 +40,11 @@ INTERRUPT_ENV = "SUROGATE_TEST_INTERRUPT_AFTER_STEP"
 
 
 def run(args, command: str) -> int:
-    cfg = load_config(args.config, args.overrides, command=command)
-    return train(cfg, command)
+    from .distributed import guard
+
+    with guard():  # under mpirun: an error on any rank ends the whole job, naming the rank
+        cfg = load_config(args.config, args.overrides, command=command)
+        return train(cfg, command)
 
 
 # ------------------------------------------------------------------------------------------------------ setup
@@ -54,10 +57,11 @@ class Plan:
     sequence_len: int
     n_rows: int
     max_steps: int
+    world_size: int = 1  # data-parallel processes: a step's window holds every rank's rows
 
     @property
     def rows_per_step(self) -> int:
-        return self.micro_batch * self.accumulation
+        return self.micro_batch * self.accumulation * self.world_size
 
     @property
     def tokens_per_step(self) -> int:
@@ -69,11 +73,12 @@ class Plan:
         return rows // self.n_rows, (rows % self.n_rows) / self.n_rows
 
 
-def _plan(cfg: Config, data: PreparedData) -> Plan:
+def _plan(cfg: Config, data: PreparedData, world_size: int = 1) -> Plan:
     n_rows = data.train.n_rows
-    rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
     max_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * n_rows / rows_per_step))
-    return Plan(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.sequence_len, n_rows, max_steps)
+    return Plan(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.sequence_len, n_rows, max_steps,
+                world_size)
 
 
 class Batches:
@@ -89,11 +94,11 @@ class Batches:
         return self._perms[epoch]
 
     def rows(self, step: int) -> np.ndarray:
-        """Row indices of step `step`: [accumulation, micro_batch]."""
+        """Row indices of step `step`: [accumulation, world_size * micro_batch] (each rank takes its columns)."""
         first = step * self.plan.rows_per_step
         stream = np.arange(first, first + self.plan.rows_per_step)
         idx = np.array([self._perm(int(k) // self.plan.n_rows)[int(k) % self.plan.n_rows] for k in stream])
-        return idx.reshape(self.plan.accumulation, self.plan.micro_batch)
+        return idx.reshape(self.plan.accumulation, -1)
 
     def micro_batches(self, rows: np.ndarray) -> list[dict]:
         """CPU tensors input_ids, labels, position_ids [micro_batch, sequence_len] per micro-batch."""
@@ -107,14 +112,6 @@ class Batches:
                         for name, a in (("input_ids", self.shard.input_ids), ("labels", self.shard.labels),
                                         ("position_ids", self.shard.position_ids))})
         return out
-
-
-def _launched_processes() -> int:
-    """Processes of this run according to the launcher (mpirun / torchrun set these); 1 for a plain command."""
-    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 1
 
 
 def _device():
@@ -263,27 +260,35 @@ def _restore_sigterm(previous) -> None:
 def train(cfg: Config, command: str) -> int:
     import torch
 
-    from .step import TrainStep, param_groups
+    from .distributed import Processes, QuietLog, unsupported_launch_processes
+    from .step import param_groups
 
-    device = _device()
-    out = _prepare_output_dir(cfg)
-    check_supported(cfg, device=device.type, world_size=_launched_processes(), model_options=_model_options())
+    check_supported(cfg, device=_device().type, world_size=unsupported_launch_processes(),
+                    model_options=_model_options())
+    procs = Processes.start(_device(), cfg.zero_level)  # world size 1 (no MPI) unless launched by mpirun
+    device = procs.device
+    out = _prepare_output_dir(cfg) if procs.is_main else Path(cfg.output_dir)
     resume_path = checkpoint.resolve(cfg)
     if resume_path is None and checkpoint.list_checkpoints(out):
         raise CheckpointError("output_dir holds checkpoints of an earlier run; starting afresh would mix them with "
                               "this run's", key="resume_from_checkpoint", file=str(out),
                               fix="set resume_from_checkpoint: true to continue that run, or choose a new output_dir")
     resume_state = checkpoint.load(resume_path)[0] if resume_path else None
-    log = RunLog(out, report_to=cfg.report_to, run_name=cfg.run_name or out.resolve().name, config=to_dict(cfg),
-                 resume_step=resume_state["step"] if resume_state else 0, wandb_project=cfg.wandb_project)
-    write_resolved(cfg, out)
+    log = (RunLog if procs.is_main else QuietLog)(  # rank 0 alone prints and writes metrics
+        out, report_to=cfg.report_to, run_name=cfg.run_name or out.resolve().name, config=to_dict(cfg),
+        resume_step=resume_state["step"] if resume_state else 0, wandb_project=cfg.wandb_project)
+    if procs.is_main:
+        write_resolved(cfg, out)
     log.rule(f"surogate {command}: {cfg.model} -> {out} on {device.type}")
+    if procs.world_size > 1:
+        log.info(procs.describe())
 
     # data: tokenised once, reused while config, files and tokenizer are unchanged
     _check_model_folder(cfg)
     tokenizer = Tokenizer(cfg.model, cfg.chat_template)
-    data = prepare(cfg, tokenizer, command, log=log.info)
-    plan = _plan(cfg, data)
+    with procs.main_first():  # rank 0 tokenises; the others then reuse output_dir/tokenized
+        data = prepare(cfg, tokenizer, command, log=log.info)
+    plan = _plan(cfg, data, procs.world_size)
 
     # model and optimizer: the seed fixes the LoRA init (and dropout); the optimizer binds the trainable
     # parameters to its flat buffers
@@ -303,11 +308,14 @@ def train(cfg: Config, command: str) -> int:
              f"({'LoRA r=' + str(cfg.lora_rank) if cfg.lora else 'full'}), {str(dtype).replace('torch.', '')}")
     data_hash = data.train.header["hash"]
     compat = checkpoint.compat_values(cfg, str(dtype), data_hash)
+    if procs.world_size > 1:  # the data stream depends on it
+        compat["world_size"] = procs.world_size
+    groups = procs.shard_groups(groups)  # data parallel: rank 0's weights everywhere; ZeRO-1 shards the optimizer
     start = _resume(cfg, log, groups, layout, compat, resume_path)
     graphs = device.type == "cuda" and cfg.use_cuda_graphs is not False
     if cfg.use_cuda_graphs and device.type != "cuda":
         log.info("use_cuda_graphs: no CUDA device, the step runs eagerly")
-    train_step = TrainStep(model, groups, micro_batch=cfg.per_device_train_batch_size, seq_len=cfg.sequence_len,
+    train_step = procs.train_step(model, groups, micro_batch=cfg.per_device_train_batch_size, seq_len=cfg.sequence_len,
                            betas=(cfg.adamw_beta1, cfg.adamw_beta2), eps=cfg.adamw_epsilon,
                            max_grad_norm=cfg.max_grad_norm, cuda_graphs=graphs, seed=cfg.seed)
 
@@ -318,6 +326,8 @@ def train(cfg: Config, command: str) -> int:
              f"{warmup_steps(cfg, plan.max_steps)}, {cfg.lr_scheduler_type} schedule, peak lr {cfg.learning_rate:g}")
     flops_per_step = _flops_per_token(model, not cfg.lora, plan.sequence_len) * plan.tokens_per_step
     peak = peak_flops(device)
+    if peak:  # MFU of the whole world: every GPU's peak
+        peak *= procs.world_size
     checkpoint_state = {"compat": compat, "layout": layout}
     interrupt_after = int(os.environ.get(INTERRUPT_ENV, "-1"))
     previous_sigterm = _sigterm_as_interrupt()
@@ -326,7 +336,7 @@ def train(cfg: Config, command: str) -> int:
 
     def evaluate(step: int) -> float | None:
         nonlocal last_eval_step
-        if data.eval is None or last_eval_step == step:
+        if data.eval is None or last_eval_step == step or not procs.is_main:
             return None
         loss, tokens = eval_loss(model, data.eval, batch_size=cfg.per_device_eval_batch_size,
                                  max_batches=cfg.eval_num_steps, device=device)
@@ -348,7 +358,8 @@ def train(cfg: Config, command: str) -> int:
             lr = lr_at(step, cfg, plan.max_steps)
             # every micro-batch backpropagates loss_sum / (trained tokens of the whole window), counted on the host
             # from the labels first; grads accumulate in place in flat buffers; then norm, clip and AdamW
-            loss_sum, n_window, norm = train_step(batches.micro_batches(batches.rows(step)), lr=lr, step=step + 1)
+            rows = procs.shard_rows(batches.rows(step))  # this rank's [accumulation, micro_batch]
+            loss_sum, n_window, norm = train_step(batches.micro_batches(rows), lr=lr, step=step + 1)
             step += 1
 
             loss = loss_sum.item() / max(1, n_window)  # the step's one host sync
@@ -369,7 +380,10 @@ def train(cfg: Config, command: str) -> int:
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < plan.max_steps:
                 evaluate(step)
             if cfg.save_steps and step % cfg.save_steps == 0 and step < plan.max_steps:
-                path = checkpoint.save(out, step, optimizer_tensors=_optimizer_tensors(groups),
+                tensors = _optimizer_tensors(groups)  # collective under ZeRO: every rank gathers, rank 0 writes
+                if not procs.is_main:
+                    continue
+                path = checkpoint.save(out, step, optimizer_tensors=tensors,
                                        state={**checkpoint_state, "rows_consumed": step * plan.rows_per_step},
                                        keep=cfg.save_total_limit)
                 log.info(f"checkpoint: {path}")
@@ -390,6 +404,10 @@ def train(cfg: Config, command: str) -> int:
 
     # ------------------------------------------------------------------------------------------ the end
     final_eval = evaluate(step)
+    procs.shutdown()
+    if not procs.is_main:  # rank 0 alone writes the model and runs the final evaluation
+        log.close()
+        return 0
     saved = _save_final(model, tokenizer, cfg, out)
     result = {"step": step, "train_time_s": train_time, "eval_loss": final_eval}
     if cfg.eval_exact_match_samples and data.eval_prompts:

@@ -386,6 +386,26 @@ class DataParallel:
             self.work.copy_(self.master)
         self._publish()
 
+    def full_state(self, dst: int = 0) -> dict[str, torch.Tensor] | None:
+        """{"master": ..., **state}: every tensor unpadded in canonical order on rank `dst`'s CPU (None on the
+        others), for a trainer that writes its own checkpoint format. Collective: every rank calls it. The state
+        must be elementwise (shaped like the master)."""
+        out = {"master": self._to_canonical(self.master, dst)}
+        for name, t in self.state.items():
+            out[name] = self._to_canonical(t, dst)
+        return out if self.world.rank == dst else None
+
+    def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `full_state`, on every rank (each passes the full canonical tensors, e.g. read from the same
+        file): keeps this rank's part of the master and state, then refreshes the weights the model reads."""
+        for name, t in {"master": self.master, **self.state}.items():
+            if name not in tensors:
+                raise ValueError(f"optimizer state {name!r} missing (got {sorted(tensors)})")
+            self._from_canonical(tensors[name].cpu(), t)
+        if self.work is not None:
+            self.work.copy_(self.master)
+        self._publish()
+
     def _to_canonical(self, part: torch.Tensor, dst: int) -> torch.Tensor | None:
         """A master-shaped tensor (full at ZeRO 0, shard otherwise) -> canonical order on rank dst's CPU."""
         layout, world = self.layout, self.world

@@ -1,0 +1,292 @@
+"""`mpirun -n N surogate sft cfg.yaml`: the trainer's data parallelism, on top of surogate.dist.
+
+One process per GPU (gloo on CPUs). A plain `surogate sft` is world size 1: `Processes.start` imports neither
+surogate.dist nor MPI then, and every method below is the identity or a no-op, so the single-process trainer runs
+exactly as before.
+
+What changes with N ranks (zero_level 0 = plain data parallel, 1 = optimizer state sharded; 2 and 3 are refused):
+- Data: the step's window of rows is the same as one process with N times the micro-batch, [accumulation,
+  N * micro_batch]; rank r takes columns r, r + N, ... of it (`shard_rows`), so each micro-batch of the N ranks
+  together is exactly the 1-process micro-batch.
+- Loss normaliser: each rank counts the trained tokens of its rows on the host; the world's sum is the window's
+  count, so every micro-step backpropagates loss_sum / (tokens of the whole global window) and the gradients are
+  SUMMED over ranks (no averaging). The reported loss is the world's loss sum over that count, the grad norm that
+  of the reduced gradients: both global.
+- Gradients: after the last micro-step and outside the captured micro-step graph, each weight-decay group's flat
+  gradient buffer is all-reduced (zero 0: surogate.dist.all_reduce_grads, fp32 or the model dtype) or
+  reduce-scattered into an fp32 shard (zero 1: surogate.dist.DataParallel). At zero 1 each rank keeps the fp32
+  master and AdamW moments of its shard only, runs surogate.kernels.adamw_step on it, and the updated shards are
+  all-gathered into the weights; that optimizer step runs collectives, so it is never captured as a CUDA graph.
+- Start: every rank builds the same model (same seed) and rank 0's trainable weights are broadcast anyway.
+- Only rank 0 (`is_main`) writes: output_dir, logs, metrics, checkpoints (gathered: the same files as one
+  process writes, resumable at the same world size), the final model. Rank 0 tokenises first; the other ranks
+  then reuse its output_dir/tokenized (single node, or output_dir on a shared file system).
+- Failure: `guard()` wraps the command: an exception on any rank prints `rank R failed: ...` and MPI-aborts the
+  job (exit code 2 for a user error, else 1). SUROGATE_TEST_FAIL_RANK=r makes rank r raise at step 2 (tests).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+from surogate.kernels import adamw_step, clip_scale
+
+from .errors import NotSupportedYet, UserError
+from .step import TrainStep
+
+FAIL_RANK_ENV = "SUROGATE_TEST_FAIL_RANK"
+SUPPORTED_ZERO = (0, 1)
+
+# set by MPI launchers (OpenMPI, MPICH/Intel MPI hydra, PMIx, MVAPICH): the same list as surogate.dist.world
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_by_mpi() -> bool:
+    return any(name in os.environ for name in _MPI_ENV)
+
+
+def unsupported_launch_processes() -> int:
+    """Processes started by a launcher other than MPI (torchrun sets WORLD_SIZE): refused by check_supported,
+    since surogate.dist bootstraps from MPI. 1 for a plain command or an mpirun launch."""
+    if launched_by_mpi():
+        return 1
+    value = os.environ.get("WORLD_SIZE", "")
+    return int(value) if value.isdigit() else 1
+
+
+@contextmanager
+def guard():
+    """Around a whole command: under mpirun an error on one rank ends every rank (rank named); else nothing."""
+    if not launched_by_mpi():
+        yield
+        return
+    from surogate.dist import abort_on_error
+
+    with abort_on_error(exit_code=lambda e: 2 if isinstance(e, UserError) or _is_model_error(e) else 1):
+        yield
+
+
+def _is_model_error(e: BaseException) -> bool:
+    import sys
+
+    error = getattr(sys.modules.get("surogate.models"), "ModelError", None)
+    return error is not None and isinstance(e, error)
+
+
+class Processes:
+    """The run's processes: world size, this rank, and the data-parallel pieces the trainer calls."""
+
+    def __init__(self, device, world=None, zero_level: int = 0):
+        self.world = world  # surogate.dist.World, or None in a single process
+        self.device = device if world is None else world.device
+        self.rank = 0 if world is None else world.rank
+        self.world_size = 1 if world is None else world.world_size
+        self.is_main = self.rank == 0
+        self.zero_level = zero_level if self.world_size > 1 else 0
+
+    @classmethod
+    def start(cls, device, zero_level: int) -> Processes:
+        """World size 1 without mpirun (no MPI import); else surogate.dist.init on `device`'s type."""
+        if not launched_by_mpi():
+            return cls(device)
+        import surogate.dist as sd
+
+        world = sd.init(device.type)
+        if world.world_size > 1 and zero_level not in SUPPORTED_ZERO:
+            raise NotSupportedYet(f"zero_level {zero_level} not supported yet (data parallel over "
+                                  f"{world.world_size} processes)", key="zero_level",
+                                  fix="zero_level: 1 (optimizer state sharded) or 0 (plain data parallel)")
+        return cls(device, world, zero_level)
+
+    # -------------------------------------------------------------------------------------- setup and writing
+    def main_first(self):
+        """A block rank 0 runs before the others (tokenising into the shared cache): `with p.main_first(): ...`."""
+        return nullcontext() if self.world_size == 1 else _main_first(self.world)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.world.barrier()
+
+    def describe(self) -> str:
+        if self.world_size == 1:
+            return ""
+        w = self.world
+        return (f"data parallel: {w.world_size} processes on {w.node_count} node(s), {w.backend}, "
+                f"zero_level {self.zero_level}")
+
+    # -------------------------------------------------------------------------------------- data
+    def shard_rows(self, rows):
+        """[accumulation, world_size * micro_batch] row indices of the global window -> this rank's
+        [accumulation, micro_batch]: columns rank, rank + world_size, ..."""
+        if self.world_size == 1:
+            return rows
+        return rows[:, self.rank :: self.world_size]
+
+    # -------------------------------------------------------------------------------------- model and step
+    def shard_groups(self, groups: list) -> list:
+        """TrainStep's weight-decay groups as this world needs them: unchanged in one process; at zero 0 rank 0's
+        weights broadcast; at zero 1 rebound to padded buffers with sharded master + AdamW state (ShardedGroup)."""
+        if self.world_size == 1:
+            return groups
+        import torch.distributed as tdist
+
+        if self.zero_level == 0:
+            for g in groups:
+                tdist.broadcast(g.work, src=0)
+                if g.master is not g.work:
+                    g.master.copy_(g.work)
+            return groups
+        return [ShardedGroup(self.world, g, self.zero_level) for g in groups]
+
+    def train_step(self, model, groups: list, **kwargs) -> TrainStep:
+        if self.world_size == 1:
+            return TrainStep(model, groups, **kwargs)
+        if self.zero_level == 0:
+            return _DataParallelStep(self.world, model, groups, **kwargs)
+        return _ZeroStep(self.world, model, groups, **kwargs)
+
+    def shutdown(self) -> None:
+        if self.world_size > 1:
+            import surogate.dist as sd
+
+            sd.shutdown()
+
+
+@contextmanager
+def _main_first(world):
+    if not world.is_main:
+        world.barrier()
+    try:
+        yield
+    finally:
+        if world.is_main:
+            world.barrier()
+
+
+class ShardedGroup:
+    """A TrainStep weight-decay group at ZeRO-1: the trainable parameters are views into a padded flat work buffer
+    (surogate.dist.FlatLayout, one layout group per parameter) and their .grad views into a padded flat grad
+    buffer; `dp` (surogate.dist.DataParallel) holds this rank's fp32 master shard and AdamW moments. `master`,
+    `exp_avg`, `exp_avg_sq` are those shards. state_dict / load_state_dict use the full unpadded tensors in
+    parameter order (the single-process checkpoint format) and are collective."""
+
+    def __init__(self, world, group, zero: int):
+        import surogate.dist as sd
+
+        self.params, self.weight_decay = group.params, group.weight_decay
+        layout = sd.FlatLayout([p.numel() for p in self.params], world.world_size)
+        self.work = torch.zeros(layout.numel, dtype=group.work.dtype, device=group.work.device)
+        self.grad = torch.zeros_like(self.work)
+        sd.bind_parameters(layout, [[p] for p in self.params], self.work, self.grad)
+        self.dp = sd.DataParallel(world, layout, self.work, self.grad, zero=zero, average=False,
+                                  make_state=lambda m: {"exp_avg": torch.zeros_like(m),
+                                                        "exp_avg_sq": torch.zeros_like(m)})
+        self.master = self.dp.master
+        self.exp_avg, self.exp_avg_sq = self.dp.state["exp_avg"], self.dp.state["exp_avg_sq"]
+
+    def state_dict(self) -> dict:
+        """Full tensors on rank 0's CPU; the same keys with None on the other ranks (every rank must call it)."""
+        full = self.dp.full_state(0)
+        return full if full is not None else dict.fromkeys(("master", "exp_avg", "exp_avg_sq"))
+
+    def load_state_dict(self, state: dict) -> None:
+        n = self.dp.layout.canonical_numel
+        for name, t in state.items():
+            if t.numel() != n:
+                raise ValueError(f"optimizer state `{name}` has {t.numel()} values, expected {n}")
+        self.dp.load_full_state(state)
+
+
+def _check_fail_hook(world, step: int) -> None:
+    if os.environ.get(FAIL_RANK_ENV) == str(world.rank) and step >= 2:
+        raise RuntimeError(f"{FAIL_RANK_ENV}={world.rank}: rank {world.rank} fails at step {step} (test hook)")
+
+
+class _DataParallelStep(TrainStep):
+    """zero 0: the window's token count summed over ranks; grads all-reduced (summed) before the optimizer step,
+    which then runs as in one process (every rank updates its full copy identically)."""
+
+    def __init__(self, world, model, groups, **kwargs):
+        self.world = world
+        super().__init__(model, groups, **kwargs)
+
+    def _count_tokens(self, micro_batches) -> int:
+        return int(round(self.world.sum(super()._count_tokens(micro_batches))))
+
+    def _reduce_grads(self) -> None:
+        from surogate.dist import all_reduce_grads
+
+        for g in self.groups:
+            all_reduce_grads(self.world, g.grad, average=False)
+
+    def __call__(self, micro_batches, lr: float, step: int):
+        _check_fail_hook(self.world, step)
+        loss_sum, valid, norm = super().__call__(micro_batches, lr, step)
+        return self.world.sum(loss_sum), valid, norm
+
+
+class _ZeroStep(_DataParallelStep):
+    """zero 1: grads reduce-scattered into each group's fp32 shard; norm, clip and AdamW on the shards; the new
+    weights all-gathered (collectives: the optimizer step is not captured as a graph)."""
+
+    capture_optimizer = False
+
+    def _reduce_grads(self) -> None:
+        for g in self.groups:
+            with g.dp.micro_step(last=True):  # the accumulated grads: reduce-scatter, then the full buffer is zeroed
+                pass
+
+    def _optimizer_step(self) -> None:
+        squares = [g.dp.grad_norm() ** 2 for g in self.groups]
+        norm = torch.stack(squares).sum().sqrt()
+        scale = clip_scale(norm, self.max_grad_norm) if self.max_grad_norm > 0 else None
+        for g in self.groups:
+            def adamw(master, grads, state, work, wd=g.weight_decay):
+                adamw_step(master, grads, state["exp_avg"], state["exp_avg_sq"], lr=self.lr, beta1=self.betas[0],
+                           beta2=self.betas[1], eps=self.eps, weight_decay=wd, step=self.step, grad_scale=scale,
+                           work_params=work, stochastic_rounding=self.stochastic_rounding, seed=self.seed)
+
+            g.dp.step(adamw)
+            g.dp.zero_grad()
+        self.grad_norm.copy_(norm)
+
+
+class QuietLog:
+    """RunLog's interface for ranks other than 0: they print and write nothing."""
+
+    def __init__(self, *args, **kwargs):
+        from rich.console import Console
+
+        self.console = Console(quiet=True)
+
+    def info(self, text: str) -> None:
+        pass
+
+    def rule(self, text: str) -> None:
+        pass
+
+    def start_progress(self, total: int, done: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+    def stop_progress(self) -> None:
+        pass
+
+    def step(self, record: dict, *, total: int, print_line: bool) -> None:
+        pass
+
+    def eval(self, record: dict) -> None:
+        pass
+
+    def final(self, record: dict) -> None:
+        pass
+
+    def plot(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
