@@ -14,11 +14,14 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .world import env_rank, launched_by_mpi
+
+_FORWARD_GRACE_S = 1.0
 
 
 @contextmanager
@@ -57,4 +60,7 @@ def _abort(cause: str, code: int) -> None:
         rank = MPI.COMM_WORLD.Get_rank()
     sys.stdout.flush()
     print(f"rank {rank} failed: {cause} [host {socket.gethostname()}, pid {os.getpid()}]", file=sys.stderr, flush=True)
+    # The launcher forwards each rank's output through a pipe and stops at the abort: give it a moment to pass on
+    # the traceback and the line above (without it a long traceback was cut off, the rank line lost).
+    time.sleep(_FORWARD_GRACE_S)
     MPI.COMM_WORLD.Abort(code)
