@@ -131,11 +131,6 @@ def test_feature_not_supported_yet(tmp_path, capsys):
            "optimizer: adamw_8bit", "offload_master")
 
 
-def test_several_processes_not_supported_yet(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
-    _fails(capsys, ["sft", _config(tmp_path)], "not supported yet", "data parallel: 2 processes")
-
-
 def test_exit_code_and_no_traceback_from_the_console_script(tmp_path):
     script = Path(sys.executable).parent / "surogate"
     out = subprocess.run([str(script), "sft", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
