@@ -491,7 +491,8 @@ def check_supported(cfg: Config, *, device: str, world_size: int = 1, model_opti
     if cfg.recompute_lora:
         missing.append(("recompute_lora", "true", "recompute_lora: false"))
     if world_size > 1:
-        missing.append(("data parallel", f"{world_size} processes", "run one process (no mpirun / torchrun)"))
+        missing.append(("a launch without MPI (torchrun)", f"{world_size} processes",
+                        f"launch with mpirun -n {world_size} (surogate bootstraps data parallelism from MPI)"))
     if missing:
         lines = "; ".join(f"{key}: {value}" for key, value, _ in missing)
         fixes = "; ".join(fix for _, _, fix in missing)
