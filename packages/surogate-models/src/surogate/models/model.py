@@ -5,6 +5,11 @@ rows); see weights.py. LoRA adapters sit under peft's names (model.layers.0.self
 A forward call flattens the batch to rows of tokens, finds the packed documents from the position ids once,
 and runs per layer AttentionHalf + MlpHalf (or one RecomputedBlock with recompute_block). Numerics: everything
 in the model dtype (bf16 on GPU), fp32 inside norms, RoPE, softmax and cross-entropy.
+
+Low precision (see _quant.py): the model's Recipe (bf16 / fp8-hybrid / nvfp4) gives each base linear layer (qkv, o,
+gate_up, down) a context once, at construction; a layer whose context is quantised, or whose frozen base weight is
+a QLoRA QuantizedWeight (then held in `layer.base`, not a parameter), gets a Gemm that runs its GEMMs. Everything
+else (the default: recipe bf16 without QLoRA) runs the plain torch GEMMs with no extra work.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from surogate.quant import QuantizedWeight, Recipe
 from torch import nn
 
-from . import _ops, weights
+from . import _ops, _quant, weights
 from ._errors import ModelError
 from ._recompute import Recompute
 from .blocks import attention, mlp
 from .blocks._context import BlockContext
 from .blocks._documents import build_documents
+from .blocks._gemm import Gemm
 from .blocks.block import RecomputedBlock
 from .blocks.head import Embedding, FinalNorm, FusedLoss, loss_without_grad
 from .config import ModelConfig
@@ -44,19 +51,38 @@ class _Params(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, t: dict, trainable: bool):
         super().__init__()
+        self.base: dict[str, QuantizedWeight] = {}  # QLoRA: frozen base weights by GEMM (qkv, o, gate_up, down)
+        self.gemms: dict[str, Gemm] | None = None  # GEMMs that are not plain torch ones (bind_recipe)
         self.input_layernorm = _Params(trainable, weight=t["input_layernorm.weight"])
         self.self_attn = nn.Module()
-        self.self_attn.qkv_proj = _Params(trainable, weight=t["self_attn.qkv_proj.weight"],
+        self.self_attn.qkv_proj = _Params(trainable, weight=self._weight(t, "qkv"),
                                           bias=t.get("self_attn.qkv_proj.bias"))
-        self.self_attn.o_proj = _Params(trainable, weight=t["self_attn.o_proj.weight"],
-                                        bias=t.get("self_attn.o_proj.bias"))
+        self.self_attn.o_proj = _Params(trainable, weight=self._weight(t, "o"), bias=t.get("self_attn.o_proj.bias"))
         if config.qk_norm:
             self.self_attn.q_norm = _Params(trainable, weight=t["self_attn.q_norm.weight"])
             self.self_attn.k_norm = _Params(trainable, weight=t["self_attn.k_norm.weight"])
         self.post_attention_layernorm = _Params(trainable, weight=t["post_attention_layernorm.weight"])
         self.mlp = nn.Module()
-        self.mlp.gate_up_proj = _Params(trainable, weight=t["mlp.gate_up_proj.weight"])
-        self.mlp.down_proj = _Params(trainable, weight=t["mlp.down_proj.weight"])
+        self.mlp.gate_up_proj = _Params(trainable, weight=self._weight(t, "gate_up"))
+        self.mlp.down_proj = _Params(trainable, weight=self._weight(t, "down"))
+
+    def _weight(self, t: dict, gemm: str) -> torch.Tensor | None:
+        """A base linear weight as a parameter, or None when it is a QLoRA QuantizedWeight (kept in self.base)."""
+        w = t[_quant.BASE_LINEARS[gemm]]
+        if isinstance(w, QuantizedWeight):
+            self.base[gemm] = w
+            return None
+        return w
+
+    def bind_recipe(self, recipe: Recipe, index: int) -> None:
+        """Register the four base linear layers with the recipe, once; a Gemm only where the GEMMs are not plain."""
+        gemms = {}
+        for gemm, name in (("qkv", "qkv_proj"), ("o", "o_proj"), ("gate_up", "gate_up_proj"), ("down", "down_proj")):
+            ctx = recipe.linear(name, index)
+            base = self.base.get(gemm)
+            if ctx.mode != "bf16" or base is not None:
+                gemms[gemm] = Gemm(recipe, ctx, base)
+        self.gemms = gemms or None
 
     # LoRA adapters live at <parent>.<module>.lora_A / lora_B (peft's names)
     def set_adapter(self, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -86,11 +112,11 @@ class DecoderLayer(nn.Module):
         a = self.self_attn
         t = {
             "ln": self.input_layernorm.weight,
-            "qkv": a.qkv_proj.weight,
+            "qkv": getattr(a.qkv_proj, "weight", None),
             "qkv_bias": getattr(a.qkv_proj, "bias", None),
             "q_norm": a.q_norm.weight if hasattr(a, "q_norm") else None,
             "k_norm": a.k_norm.weight if hasattr(a, "k_norm") else None,
-            "o": a.o_proj.weight,
+            "o": getattr(a.o_proj, "weight", None),
             "o_bias": getattr(a.o_proj, "bias", None),
         }
         for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -98,24 +124,36 @@ class DecoderLayer(nn.Module):
         return tuple(t[s] for s in attention.SLOTS)
 
     def mlp_tensors(self) -> tuple:
-        t = {"ln": self.post_attention_layernorm.weight, "gate_up": self.mlp.gate_up_proj.weight,
-             "down": self.mlp.down_proj.weight}  # fmt: skip
+        t = {"ln": self.post_attention_layernorm.weight, "gate_up": getattr(self.mlp.gate_up_proj, "weight", None),
+             "down": getattr(self.mlp.down_proj, "weight", None)}  # fmt: skip
         for m in ("gate_proj", "up_proj", "down_proj"):
             t[f"{_SLOT[m]}_A"], t[f"{_SLOT[m]}_B"] = self.adapter(m)
         return tuple(t[s] for s in mlp.SLOTS)
 
 
 class CausalLM(nn.Module):
-    """model(input_ids, position_ids=None) -> logits; .loss(...) / .loss_sum(...) through the fused CE."""
+    """model(input_ids, position_ids=None) -> logits; .loss(...) / .loss_sum(...) through the fused CE.
+
+    recipe: "bf16" (default) / "fp8-hybrid" / "nvfp4" or a surogate.quant.Recipe for config.num_layers: how the
+    base linear layers' GEMMs run. qlora: None / "fp8" / "nvfp4" / "nf4": the frozen base weights (qkv, o, gate_up,
+    down) stored quantised (tensors may already hold QuantizedWeights; plain ones are quantised here), LoRA required;
+    qlora_options: {"tile"} for fp8, {"block_size", "double_quant"} for nf4."""
 
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], *, lora: LoraConfig | None = None,
-                 recompute: str | dict | Recompute | None = None, layout: weights.Layout | None = None):
+                 recompute: str | dict | Recompute | None = None, layout: weights.Layout | None = None,
+                 recipe: str | Recipe | None = None, qlora: str | None = None, qlora_options: dict | None = None):
         super().__init__()
         if config.num_layers < 1:
             raise ModelError("num_hidden_layers must be >= 1")
         self.config = config
         self.recompute = Recompute.parse(recompute)
         self.layout = layout
+        self.recipe = _quant.resolve_recipe(recipe, config)
+        options = _quant.check_qlora(qlora, qlora_options, lora, config)
+        self.qlora = qlora
+        convert = _quant.quantizer(qlora, options, tensors["model.embed_tokens.weight"].dtype)
+        if convert is not None:
+            tensors = {name: convert(name, t) for name, t in tensors.items()}
         trainable = lora is None
         self.model = nn.Module()
         self.model.embed_tokens = _Params(trainable, weight=tensors["model.embed_tokens.weight"])
@@ -130,9 +168,21 @@ class CausalLM(nn.Module):
         weight = tensors["model.embed_tokens.weight"]
         inv_freq = _ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.float().to(weight.device), persistent=False)
+        for i, layer in enumerate(self.model.layers):
+            layer.bind_recipe(self.recipe, i)
         self.lora_config: LoraConfig | None = None
         if lora is not None:
             self._add_adapters(lora)
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .cuda() / .cpu() move the QLoRA base weights (not nn.Parameters) along with the parameters."""
+        super()._apply(fn, recurse)
+        device = self.model.embed_tokens.weight.device
+        for layer in self.model.layers:
+            for gemm, q in layer.base.items():
+                if q.device != device:
+                    layer.base[gemm] = layer.gemms[gemm].base = q.to(device)
+        return self
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -148,6 +198,42 @@ class CausalLM(nn.Module):
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def num_parameters(self) -> int:
+        """Every weight, QLoRA base weights included (they are not nn.Parameters)."""
+        base = sum(q.shape.numel() for layer in self.model.layers for q in layer.base.values())
+        return base + sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------------ recipe
+    def memory_report(self) -> _quant.MemoryReport:
+        """Bytes of the weights (QLoRA-quantised and dense), the adapters, and one line for the run log that ends
+        with the recipe's describe() (which says, e.g., that NVFP4 GEMMs run on dequantised BF16 below SM 100)."""
+        return _quant.memory_report(self)
+
+    def after_optimizer_step(self) -> None:
+        """The trainer calls this once after every optimizer step: fp8-hybrid rolls the amax histories and updates
+        the delayed scales, nvfp4 advances its stochastic-rounding seeds; bf16 does nothing. Device ops only (no
+        host sync): run it eagerly after the optimizer step (or its graph replay), or capture it into the
+        optimizer-step graph, but then restore recipe_state_dict() after the capture's warm-up run."""
+        self.recipe.after_optimizer_step()
+
+    def recipe_state_dict(self) -> dict[str, torch.Tensor]:
+        """The recipe's state (fp8: amax_history, scale, scale_inv; nvfp4: seed_step), copies for a checkpoint.
+        Empty for bf16, and before the first forward pass (the state is created on first use)."""
+        return {k: v.detach().clone() for k, v in self.recipe.state_dict().items() if v is not None}
+
+    def load_recipe_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore recipe_state_dict() (e.g. from a checkpoint, on any device) so that a resumed run quantises as
+        the interrupted one would have."""
+        n_fp8 = sum(c.mode == "fp8" for c in self.recipe.contexts)
+        if "scale" in state and state["scale"].numel() != n_fp8:
+            raise ModelError(f"recipe state holds FP8 scales for {state['scale'].numel()} linear layers, this model "
+                             f"has {n_fp8} (recipe {self.recipe.name}): resume with the same recipe, layers and "
+                             "skip_quant_* settings.")
+        try:
+            self.recipe.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+        except (KeyError, ValueError) as e:
+            raise ModelError(f"recipe state does not fit recipe {self.recipe.name}: {e}") from None
 
     # ------------------------------------------------------------------------------------------ compute
     def _uses_flash(self) -> bool:
@@ -177,11 +263,12 @@ class CausalLM(nn.Module):
         residual, delta = x, None
         for layer in self.model.layers:
             if self.recompute.block:
-                residual, delta = RecomputedBlock.apply(residual, delta, bc, *layer.attention_tensors(),
+                residual, delta = RecomputedBlock.apply(residual, delta, bc, layer.gemms, *layer.attention_tensors(),
                                                         *layer.mlp_tensors())
             else:
-                residual, delta = attention.AttentionHalf.apply(residual, delta, bc, *layer.attention_tensors())
-                residual, delta = mlp.MlpHalf.apply(residual, delta, bc, *layer.mlp_tensors())
+                residual, delta = attention.AttentionHalf.apply(residual, delta, bc, layer.gemms,
+                                                                *layer.attention_tensors())
+                residual, delta = mlp.MlpHalf.apply(residual, delta, bc, layer.gemms, *layer.mlp_tensors())
         hidden = FinalNorm.apply(residual, delta, self.model.norm.weight, self.config.rms_norm_eps)
         return hidden, (batch, seq), input_ids.dim() == 1
 
@@ -269,6 +356,10 @@ class CausalLM(nn.Module):
         lora = self.lora_config
         if lora is None:
             return
+        if self.qlora is not None:
+            raise ModelError(f"merge_lora: the base weights are QLoRA-quantised ({self.qlora}); merging into them is "
+                             "lossy. Save the adapter (save_adapter) and merge it into the original bf16 base model "
+                             "with `surogate merge`.")
         c = self.config
         rows = {"q_proj": (0, c.q_size), "k_proj": (c.q_size, c.q_size + c.kv_size),
                 "v_proj": (c.q_size + c.kv_size, c.qkv_size), "o_proj": (0, c.hidden_size),
@@ -291,6 +382,10 @@ class CausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------ saving
     def save_pretrained(self, path: str | Path) -> None:
         """Hugging Face layout: safetensors with the original names and sharding, plus config.json."""
+        if self.qlora is not None:
+            raise ModelError(f"save_pretrained: the base weights are QLoRA-quantised ({self.qlora}); writing merged "
+                             "weights from them would be lossy. Save the adapter with save_adapter() and merge it "
+                             "into the original bf16 base model with `surogate merge`.")
         if self.lora_config is not None:
             raise ModelError("save_pretrained: the model has LoRA adapters that are not merged. Call merge_lora() "
                              "first to save merged weights, or save_adapter() to save the adapter alone.")

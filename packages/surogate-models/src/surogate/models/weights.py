@@ -151,8 +151,10 @@ class _Reader:
                              "Re-download it.") from None
 
 
-def load_hf(path: str | Path, config: ModelConfig, dtype: torch.dtype, device) -> tuple[dict, Layout]:
-    """-> (our parameter name -> tensor of `dtype` on `device`, the source Layout)."""
+def load_hf(path: str | Path, config: ModelConfig, dtype: torch.dtype, device, convert=None) -> tuple[dict, Layout]:
+    """-> (our parameter name -> tensor of `dtype` on `device`, the source Layout). convert(name, tensor), when
+    given, replaces each tensor as soon as it is read (QLoRA quantises the base weights while loading, so only one
+    full-precision weight is on the device at a time)."""
     path = Path(path)
     weight_map, sharded = _source_files(path)
     reader = _Reader(path)
@@ -174,7 +176,8 @@ def load_hf(path: str | Path, config: ModelConfig, dtype: torch.dtype, device) -
             t = reader.read(weight_map[n], n, shapes[n])
             out[start : start + t.shape[0]].copy_(t)
             start += t.shape[0]
-        tensors[ours] = out
+        tensors[ours] = out if convert is None else convert(ours, out)
+        del out
     kept = {n: f for n, f in weight_map.items() if n in shapes or n == "lm_head.weight"}
     return tensors, Layout(weight_map=kept, sharded=sharded, source=str(path))
 

@@ -9,7 +9,8 @@ nn.Dropout in front of lora_A. Backward, given dy:
     dW = dy^T x (only for a trainable W), db = column sums of dy (surogate.kernels bias_grad)
     dB = scale * dy[:, rows]^T u,  dA = (scale * dy[:, rows] B)^T drop(x)
 Numerics: torch GEMMs in the weight dtype (fp32 accumulation inside BLAS / cuBLAS); nothing is summed in place
-into a caller's tensor.
+into a caller's tensor. The three base GEMMs (x W^T, dy W, dy^T x) go through `gemm` (a _gemm.Gemm: a quantised
+recipe or a QLoRA base weight) when the layer has one; gemm None is the plain path. The LoRA GEMMs are always plain.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def _drop(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
     return x if mask is None else x * mask.to(x.dtype) * (1.0 / (1.0 - p))
 
 
-def projection_forward(x, weight, bias, loras: list[Lora], scale: float, p: float):
+def projection_forward(x, weight, bias, loras: list[Lora], scale: float, p: float, gemm=None):
     """-> (y [tokens, out], [u per adapter])."""
-    y = F.linear(x, weight, bias)
+    y = F.linear(x, weight, bias) if gemm is None else gemm.forward(x, weight, bias)
     us = []
     for lora in loras:
         u = F.linear(_drop(x, lora.mask, p), lora.A)
@@ -58,10 +59,13 @@ def lora_inputs(x, loras: list[Lora], p: float) -> list[torch.Tensor]:
 
 
 def projection_backward(dy, x, weight, loras: list[Lora], us, scale: float, p: float, need_dx: bool,
-                        need_dw: bool, need_db: bool, need_lora: list[tuple[bool, bool]]):
+                        need_dw: bool, need_db: bool, need_lora: list[tuple[bool, bool]], gemm=None):
     """-> (dx | None, dW | None, db | None, [(dA | None, dB | None) per adapter])."""
-    dx = torch.matmul(dy, weight) if need_dx else None
-    dw = torch.matmul(dy.t(), x) if need_dw else None
+    if gemm is None:
+        dx = torch.matmul(dy, weight) if need_dx else None
+        dw = torch.matmul(dy.t(), x) if need_dw else None
+    else:
+        dx, dw = gemm.backward(dy, x, weight, need_dx, need_dw)
     db = _ops.bias_grad(dy) if need_db else None
     grads = []
     for lora, u, (need_a, need_b) in zip(loras, us, need_lora, strict=True):

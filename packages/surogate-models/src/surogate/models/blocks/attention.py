@@ -10,7 +10,8 @@ returns one gradient for residual and delta (both receive dh_total = dh + RMSNor
 What is kept for backward follows the recompute flags (see _recompute.py); missing activations are rebuilt by
 the same stage functions in backward, so recompute never changes the numbers. Frozen weights (requires_grad
 False) get no gradient GEMM; the input gradient is skipped when nothing upstream needs it (LoRA, layer 0).
-Numerics: activations and GEMMs in the model dtype, norms/RoPE/softmax in fp32 inside the kernels.
+Numerics: activations and GEMMs in the model dtype, norms/RoPE/softmax in fp32 inside the kernels. The qkv and o
+GEMMs run through the layer's Gemm (a quantised recipe or a QLoRA base weight, see _gemm.py) when it has one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from ._saving import pack, unpack
 
 SLOTS = ("ln", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "o_bias",
          "q_A", "q_B", "k_A", "k_B", "v_A", "v_B", "o_A", "o_B")  # fmt: skip
+GEMMS = ("qkv", "o")
+
+
+def with_gemms(w: dict, gemms: dict | None) -> dict:
+    """Adds w["qkv_gemm"], w["o_gemm"]: the layer's Gemm objects, or None (plain torch GEMMs)."""
+    for g in GEMMS:
+        w[f"{g}_gemm"] = gemms.get(g) if gemms else None
+    return w
 
 
 def _qkv_loras(w: dict, bc: BlockContext, acts: dict) -> list[Lora]:
@@ -54,7 +63,7 @@ def _stage_norm(acts, w, bc):
 def _stage_qkv(acts, w, bc, keep_pre: bool):
     c = bc.config
     qkv, us = projection_forward(acts["ln"], w["qkv"], w["qkv_bias"], _qkv_loras(w, bc, acts), bc.lora_scale,
-                                 bc.dropout)
+                                 bc.dropout, w["qkv_gemm"])
     acts["u_qkv"] = us
     pos = bc.docs.position_ids
     if c.qk_norm:
@@ -74,7 +83,8 @@ def _stage_attention(acts, bc):
 
 
 def _stage_out(acts, w, bc):
-    y, us = projection_forward(acts["att"], w["o"], w["o_bias"], _o_loras(w, bc, acts), bc.lora_scale, bc.dropout)
+    y, us = projection_forward(acts["att"], w["o"], w["o_bias"], _o_loras(w, bc, acts), bc.lora_scale, bc.dropout,
+                               w["o_gemm"])
     acts["u_o"] = us
     return y
 
@@ -135,7 +145,7 @@ def backward(acts: dict, dh, dy, w: dict, bc: BlockContext, need_dx: bool, need:
     loras_o = _o_loras(w, bc, acts)
     d_att, g["o"], g["o_bias"], lora_o = projection_backward(
         dy, acts["att"], w["o"], loras_o, acts["u_o"], bc.lora_scale, bc.dropout, True, need["o"], need["o_bias"],
-        [(need["o_A"], need["o_B"])] * len(loras_o),
+        [(need["o_A"], need["o_B"])] * len(loras_o), w["o_gemm"],
     )
     if lora_o:
         g["o_A"], g["o_B"] = lora_o[0]
@@ -158,6 +168,7 @@ def backward(acts: dict, dh, dy, w: dict, bc: BlockContext, need_dx: bool, need:
     d_ln, g["qkv"], g["qkv_bias"], lora_qkv = projection_backward(
         d_qkv, acts["ln"], w["qkv"], loras, acts["u_qkv"], bc.lora_scale, bc.dropout, need_ln, need["qkv"],
         need["qkv_bias"], [(need[f"{m}_A"], need[f"{m}_B"]) for m in "qkv" if w[f"{m}_A"] is not None],
+        w["qkv_gemm"],
     )
     for m, grads in zip([m for m in "qkv" if w[f"{m}_A"] is not None], lora_qkv, strict=True):
         g[f"{m}_A"], g[f"{m}_B"] = grads
@@ -168,23 +179,25 @@ def backward(acts: dict, dh, dy, w: dict, bc: BlockContext, need_dx: bool, need:
 
 
 class AttentionHalf(torch.autograd.Function):
-    """apply(residual, delta | None, bc, *tensors in SLOTS order) -> (h, y)."""
+    """apply(residual, delta | None, bc, gemms | None, *tensors in SLOTS order) -> (h, y); gemms: the layer's
+    {"qkv": Gemm | None, "o": Gemm | None} (None: plain torch GEMMs)."""
 
     @staticmethod
-    def forward(ctx, residual, delta, bc: BlockContext, *tensors):
-        w = dict(zip(SLOTS, tensors, strict=True))
+    def forward(ctx, residual, delta, bc: BlockContext, gemms, *tensors):
+        w = with_gemms(dict(zip(SLOTS, tensors, strict=True)), gemms)
         h, y, acts = forward(residual, delta, w, bc, keep_pre=bc.recompute.keep_qkv)
         pack(ctx, kept(acts, bc), tensors)
-        ctx.bc = bc
+        ctx.bc, ctx.gemms = bc, gemms
         return h, y
 
     @staticmethod
     def backward(ctx, dh, dy):
         dh, dy = dh.contiguous(), dy.contiguous()  # the kernels read rows of contiguous tensors
         acts, w = unpack(ctx, SLOTS)
+        with_gemms(w, ctx.gemms)
         rebuild(acts, w, ctx.bc)
         needs = ctx.needs_input_grad
-        need = dict(zip(SLOTS, needs[3:], strict=True))
+        need = dict(zip(SLOTS, needs[4:], strict=True))
         dh_total, g = backward(acts, dh, dy, w, ctx.bc, needs[0] or needs[1], need)
-        return (dh_total if needs[0] else None, dh_total if needs[1] else None, None, *[g[s] for s in SLOTS])
+        return (dh_total if needs[0] else None, dh_total if needs[1] else None, None, None, *[g[s] for s in SLOTS])
 

@@ -18,9 +18,9 @@ _N_ATT = len(attention.SLOTS)
 SLOTS = tuple(f"att.{s}" for s in attention.SLOTS) + tuple(f"mlp.{s}" for s in mlp.SLOTS)
 
 
-def _split(weights: dict) -> tuple[dict, dict]:
-    wa = {s: weights[f"att.{s}"] for s in attention.SLOTS}
-    wm = {s: weights[f"mlp.{s}"] for s in mlp.SLOTS}
+def _split(weights: dict, gemms: dict | None) -> tuple[dict, dict]:
+    wa = attention.with_gemms({s: weights[f"att.{s}"] for s in attention.SLOTS}, gemms)
+    wm = mlp.with_gemms({s: weights[f"mlp.{s}"] for s in mlp.SLOTS}, gemms)
     return wa, wm
 
 
@@ -29,25 +29,26 @@ def _masks(acts: dict) -> dict:
 
 
 class RecomputedBlock(torch.autograd.Function):
-    """apply(residual, delta | None, bc, *attention tensors, *mlp tensors) -> (h2, z)."""
+    """apply(residual, delta | None, bc, gemms | None, *attention tensors, *mlp tensors) -> (h2, z); gemms: the
+    layer's {"qkv", "o", "gate_up", "down"} -> Gemm | None (None: plain torch GEMMs)."""
 
     @staticmethod
-    def forward(ctx, residual, delta, bc: BlockContext, *tensors):
-        wa, wm = _split(dict(zip(SLOTS, tensors, strict=True)))
+    def forward(ctx, residual, delta, bc: BlockContext, gemms, *tensors):
+        wa, wm = _split(dict(zip(SLOTS, tensors, strict=True)), gemms)
         h, y, acts_a = attention.forward(residual, delta, wa, bc, keep_pre=False)
         h2, z, acts_m = mlp.forward(h, y, wm, bc)
         saved = {"h": h}
         saved.update({f"att.{k}": v for k, v in _masks(acts_a).items()})
         saved.update({f"mlp.{k}": v for k, v in _masks(acts_m).items()})
         pack(ctx, saved, tensors)
-        ctx.bc = bc
+        ctx.bc, ctx.gemms = bc, gemms
         return h2, z
 
     @staticmethod
     def backward(ctx, dh2, dz):
         dh2, dz = dh2.contiguous(), dz.contiguous()  # the kernels read rows of contiguous tensors
         saved, weights = unpack(ctx, SLOTS)
-        wa, wm = _split(weights)
+        wa, wm = _split(weights, ctx.gemms)
         bc = ctx.bc
         masks_a = {k[4:]: v for k, v in saved.items() if k.startswith("att.")}
         masks_m = {k[4:]: v for k, v in saved.items() if k.startswith("mlp.")}
@@ -56,10 +57,10 @@ class RecomputedBlock(torch.autograd.Function):
             _, _, acts_m = mlp.forward(h, y, wm, bc, masks=masks_m)
         del y
         needs = ctx.needs_input_grad
-        need = dict(zip(SLOTS, needs[3:], strict=True))
+        need = dict(zip(SLOTS, needs[4:], strict=True))
         d_mid, gm = mlp.backward(acts_m, dh2, dz, wm, bc, True, {s: need[f"mlp.{s}"] for s in mlp.SLOTS})
         del acts_m
         dh, ga = attention.backward(acts_a, d_mid, d_mid, wa, bc, needs[0] or needs[1],
                                     {s: need[f"att.{s}"] for s in attention.SLOTS})
         grads = [ga[s] for s in attention.SLOTS] + [gm[s] for s in mlp.SLOTS]
-        return (dh if needs[0] else None, dh if needs[1] else None, None, *grads)
+        return (dh if needs[0] else None, dh if needs[1] else None, None, None, *grads)

@@ -6,7 +6,8 @@
     z = act Wdown^T (+ LoRA)                                                torch GEMM
 Outputs (h, z); backward takes (dh, dz) and returns dh_total for residual and delta. Kept for backward per the
 recompute flags: h and rstd always, ln2 unless rmsnorm/ffn, gate_up unless ffn, act unless swiglu; the rest is
-rebuilt by the same stage functions. Numerics as in attention.py.
+rebuilt by the same stage functions. Numerics as in attention.py (gate_up and down through the layer's Gemm when
+it has one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from ._projection import Lora, dropout_mask, lora_inputs, projection_backward, p
 from ._saving import pack, unpack
 
 SLOTS = ("ln", "gate_up", "down", "gate_A", "gate_B", "up_A", "up_B", "down_A", "down_B")
+GEMMS = ("gate_up", "down")
+
+
+def with_gemms(w: dict, gemms: dict | None) -> dict:
+    """Adds w["gate_up_gemm"], w["down_gemm"]: the layer's Gemm objects, or None (plain torch GEMMs)."""
+    for g in GEMMS:
+        w[f"{g}_gemm"] = gemms.get(g) if gemms else None
+    return w
 
 
 def _gate_up_loras(w: dict, bc: BlockContext, acts: dict) -> list[Lora]:
@@ -36,7 +45,8 @@ def _down_loras(w: dict, bc: BlockContext, acts: dict) -> list[Lora]:
 
 def _stage_gate_up(acts, w, bc):
     acts["gate_up"], acts["u_gate_up"] = projection_forward(acts["ln"], w["gate_up"], None,
-                                                            _gate_up_loras(w, bc, acts), bc.lora_scale, bc.dropout)
+                                                            _gate_up_loras(w, bc, acts), bc.lora_scale, bc.dropout,
+                                                            w["gate_up_gemm"])
 
 
 def _stage_swiglu(acts, w, bc):
@@ -58,7 +68,7 @@ def forward(residual, delta, w: dict, bc: BlockContext, masks: dict | None = Non
     if "mask_down" not in acts and w["down_A"] is not None and bc.dropout > 0:
         acts["mask_down"] = dropout_mask(acts["act"], bc.dropout)
     z, acts["u_down"] = projection_forward(acts["act"], w["down"], None, _down_loras(w, bc, acts), bc.lora_scale,
-                                           bc.dropout)
+                                           bc.dropout, w["down_gemm"])
     return h, z, acts
 
 
@@ -91,7 +101,7 @@ def backward(acts: dict, dh, dz, w: dict, bc: BlockContext, need_dx: bool, need:
     loras_down = _down_loras(w, bc, acts)
     d_act, g["down"], _, lora_down = projection_backward(
         dz, acts["act"], w["down"], loras_down, acts["u_down"], bc.lora_scale, bc.dropout, True, need["down"],
-        False, [(need["down_A"], need["down_B"])] * len(loras_down),
+        False, [(need["down_A"], need["down_B"])] * len(loras_down), w["down_gemm"],
     )
     if lora_down:
         g["down_A"], g["down_B"] = lora_down[0]
@@ -101,6 +111,7 @@ def backward(acts: dict, dh, dz, w: dict, bc: BlockContext, need_dx: bool, need:
     d_ln, g["gate_up"], _, lora_gu = projection_backward(
         d_gate_up, acts["ln"], w["gate_up"], _gate_up_loras(w, bc, acts), acts["u_gate_up"], bc.lora_scale,
         bc.dropout, need_ln, need["gate_up"], False, [(need[f"{m}_A"], need[f"{m}_B"]) for m in adapted],
+        w["gate_up_gemm"],
     )
     for m, grads in zip(adapted, lora_gu, strict=True):
         g[f"{m}_A"], g[f"{m}_B"] = grads
@@ -111,22 +122,24 @@ def backward(acts: dict, dh, dz, w: dict, bc: BlockContext, need_dx: bool, need:
 
 
 class MlpHalf(torch.autograd.Function):
-    """apply(residual, delta, bc, *tensors in SLOTS order) -> (h, z)."""
+    """apply(residual, delta, bc, gemms | None, *tensors in SLOTS order) -> (h, z); gemms: the layer's
+    {"gate_up": Gemm | None, "down": Gemm | None} (None: plain torch GEMMs)."""
 
     @staticmethod
-    def forward(ctx, residual, delta, bc: BlockContext, *tensors):
-        w = dict(zip(SLOTS, tensors, strict=True))
+    def forward(ctx, residual, delta, bc: BlockContext, gemms, *tensors):
+        w = with_gemms(dict(zip(SLOTS, tensors, strict=True)), gemms)
         h, z, acts = forward(residual, delta, w, bc)
         pack(ctx, kept(acts, bc), tensors)
-        ctx.bc = bc
+        ctx.bc, ctx.gemms = bc, gemms
         return h, z
 
     @staticmethod
     def backward(ctx, dh, dz):
         dh, dz = dh.contiguous(), dz.contiguous()  # the kernels read rows of contiguous tensors
         acts, w = unpack(ctx, SLOTS)
+        with_gemms(w, ctx.gemms)
         rebuild(acts, w, ctx.bc)
         needs = ctx.needs_input_grad
-        dh_total, g = backward(acts, dh, dz, w, ctx.bc, needs[0] or needs[1], dict(zip(SLOTS, needs[3:], strict=True)))
-        return (dh_total if needs[0] else None, dh_total if needs[1] else None, None, *[g[s] for s in SLOTS])
+        dh_total, g = backward(acts, dh, dz, w, ctx.bc, needs[0] or needs[1], dict(zip(SLOTS, needs[4:], strict=True)))
+        return (dh_total if needs[0] else None, dh_total if needs[1] else None, None, None, *[g[s] for s in SLOTS])
 
