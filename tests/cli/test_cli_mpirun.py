@@ -125,3 +125,19 @@ def test_unsupported_zero_level_is_a_clear_error(tmp_path):
     if _mpirun.mpi_flavor(_mpirun.find_mpiexec()) == "mpich":  # hydra returns the Abort code: a user error's 2
         assert proc.returncode == 2, output
     assert "zero_level 3 not supported yet" in output, output
+
+
+def test_two_ranks_resume_from_their_checkpoint_and_refuse_another_world_size(tmp_path, one_process):
+    config = _runs.write_config(tmp_path, per_device_train_batch_size=1, save_steps=3, **BASE)
+    proc, _ = _mpirun_sft(config, [], env={"SUROGATE_TEST_INTERRUPT_AFTER_STEP": "3"})
+    assert proc.returncode == 130, proc.stdout + proc.stderr  # Ctrl-C's code, on every rank
+    proc, _ = _mpirun_sft(config, ["resume_from_checkpoint=true"])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "resumed from" in output, output
+    a, b = _weights(tmp_path / "out", "full"), _weights(one_process["full"], "full")
+    for k in b:
+        assert _rel(a[k], b[k]) < TOL, k
+    # one process reads the rows in another order: its resume is refused, naming the key
+    one = subprocess.run([*SUROGATE, "sft", str(config), "resume_from_checkpoint=true", "max_steps=7"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 2 and "world_size was 2" in one.stderr, one.stdout + one.stderr

@@ -390,6 +390,7 @@ def train(cfg: Config, command: str) -> int:
                 log.plot()
     except KeyboardInterrupt:
         log.stop_progress()
+        procs.shutdown()  # every rank stops at the same step (the test hook; Ctrl-C reaches all ranks)
         done = checkpoint.list_checkpoints(out)
         where = f"the newest complete checkpoint is {done[-1]}" if done else "no checkpoint was written"
         log.info(f"interrupted after step {step}: {where}. Continue with: surogate {command} <config> "
