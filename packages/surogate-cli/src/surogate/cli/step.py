@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from surogate.kernels import adamw_step, clip_scale, global_grad_norm
 
 
@@ -149,7 +148,7 @@ class TrainStep:
             fn()
         torch.cuda.current_stream().wait_stream(side)
         # the warm-up must leave no trace: restore every buffer it touched
-        for g, (grad, master, m, v, work) in zip(self.groups, snapshot):
+        for g, (grad, master, m, v, work) in zip(self.groups, snapshot, strict=True):
             g.grad.copy_(grad), g.master.copy_(master), g.exp_avg.copy_(m), g.exp_avg_sq.copy_(v), g.work.copy_(work)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
