@@ -135,12 +135,11 @@ def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16",
     from surogate.cli.step import TrainStep, param_groups
     from surogate.models import LoraConfig, init_model
 
-    if recipe != "bf16":
-        raise NotImplementedError(f"recipe {recipe} is not wired into the benchmark yet")
     arch, config = hf_config(name)
     lora = LoraConfig(rank=16, alpha=32, target_modules=tuple(LORA_TARGETS)) if mode == "lora" else None
+    qlora = recipe.removeprefix("qlora-") if recipe.startswith("qlora-") else None  # e.g. "qlora-nf4"
     model = init_model(config.to_dict() | {"architectures": [arch]}, dtype=torch.bfloat16, device="cuda", lora=lora,
-                       recompute=recompute)
+                       recompute=recompute, recipe="bf16" if qlora else recipe, qlora=qlora)
     groups = param_groups(model.trainable_parameters(), weight_decay=0.0 if mode == "lora" else 0.1)
     train_step = TrainStep(model, groups, micro_batch=micro_batch, seq_len=seq_len, cuda_graphs=cuda_graphs)
     doc = seq_len // docs_per_row
@@ -150,6 +149,7 @@ def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16",
 
     def step(i):
         loss_sum, valid, _ = train_step([batches[i % len(batches)]], lr=1e-5, step=i + 1)
+        model.after_optimizer_step()  # fp8 delayed scaling: amax history -> next scales (no-op for bf16)
         return loss_sum / valid
 
     return time_steps(step, steps, warmup)
