@@ -65,11 +65,12 @@ def _gpu_run(lora, graphs, dtype, steps=5):
     config = dict(CONFIG, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=64, vocab_size=1000)
     model = init_model(config, dtype=dtype, device="cuda", seed=2, lora=LoraConfig(rank=8, alpha=16) if lora else None)
-    if lora:  # move B off zero so that every adapter gets gradients from the first step
+    if lora:  # move B off zero so that every adapter gets gradients from the first step (seeded: runs must match)
+        b_init = torch.Generator(device="cuda").manual_seed(7)
         with torch.no_grad():
             for name, p in model.trainable_parameters():
                 if "lora_B" in name:
-                    p.normal_(0, 0.02)
+                    p.normal_(0, 0.02, generator=b_init)
     step = TrainStep(model, param_groups(model.trainable_parameters(), 0.1), micro_batch=2, seq_len=64,
                      max_grad_norm=1.0, cuda_graphs=graphs)
     g = torch.Generator().manual_seed(5)
