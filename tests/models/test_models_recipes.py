@@ -366,7 +366,8 @@ def test_qwen3_06b_shape_fp8_hybrid_vs_bf16(generator):
 @pytest.mark.gpu
 def test_qwen3_06b_shape_qlora_nf4_matches_bf16_of_dequantised_weights(generator):
     """The QLoRA-NF4 model (Numba dequantise per GEMM) against a bf16 LoRA model holding the dequantised weights:
-    the same cuBLAS GEMMs on the same values, so the same logits and loss bit for bit; prints memory and step time."""
+    the same cuBLAS GEMMs on the same values, so the same logits and loss bit for bit (gradients to bf16 noise:
+    FlashAttention's backward is not bit-reproducible); prints memory and step time."""
     ids, labels, pos = _gpu_batch(generator)
     torch.manual_seed(0)
     q = init_model(QWEN3_06B, dtype=torch.bfloat16, device="cuda", seed=3, lora=LORA, qlora="nf4")
@@ -385,7 +386,10 @@ def test_qwen3_06b_shape_qlora_nf4_matches_bf16_of_dequantised_weights(generator
     loss_q.backward()
     loss_p.backward()
     grads_q = _flat({n: p.grad for n, p in q.trainable_parameters()})
-    assert torch.equal(grads_q, _flat({n: p.grad for n, p in plain.trainable_parameters()}))
+    grads_p = _flat({n: p.grad for n, p in plain.trainable_parameters()})
+    # Not bit for bit: FlashAttention's backward accumulates dq with atomics in a run-dependent order (bf16).
+    # Two runs of the same model differ at the bf16 level; anything else (a wrong dequantisation) is far larger.
+    assert ((grads_q.double() - grads_p.double()).norm() / grads_p.double().norm()).item() < 1e-2
 
 
 @pytest.mark.gpu
