@@ -3,7 +3,11 @@
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; why: surogate/cli/app.py
+# Idle OpenMP threads sleep instead of spinning (read when torch loads libgomp, hence before `import torch`). On the
+# shared 2-core dev machine, with other processes busy, spinning made CPU training steps 5-45x slower (quickstart, 200
+# steps: 44-393 s spinning vs 9.9 s passive); on an idle machine passive costs ~2x on such tiny ops (300 steps: 7.7 s
+# active vs 14.7 s passive), so the `surogate` command itself keeps OpenMP's default. Set OMP_WAIT_POLICY to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

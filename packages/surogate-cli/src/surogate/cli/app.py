@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from .__about__ import __version__
@@ -47,10 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    # Idle CPU threads sleep instead of spinning (read by OpenMP when torch loads, so set before any import of it).
-    # On a busy 2-core machine, spinning threads made the quickstart's CPU steps 5-45x slower (200 steps: 44-393 s
-    # spinning, 9.9 s sleeping, 8.3 s on one thread). OMP_WAIT_POLICY set by the user wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         module = importlib.import_module(f"surogate.cli.{args._module}")
         return int(module.run(args) or 0)
