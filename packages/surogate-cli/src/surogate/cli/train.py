@@ -306,6 +306,8 @@ def train(cfg: Config, command: str) -> int:
     log.info(f"model: {model.config.architecture}, "
              f"{n_total / 1e6:.2f}M parameters, {n_trained / 1e6:.3f}M trained "
              f"({'LoRA r=' + str(cfg.lora_rank) if cfg.lora else 'full'}), {str(dtype).replace('torch.', '')}")
+    if cfg.recipe != "bf16" or cfg.qlora_fp8 or cfg.qlora_fp4 or cfg.qlora_bnb:
+        log.info(f"memory: {model.memory_report()}")  # says what the recipe does on this GPU (e.g. NVFP4 on SM < 100)
     data_hash = data.train.header["hash"]
     compat = checkpoint.compat_values(cfg, str(dtype), data_hash)
     if procs.world_size > 1:  # the data stream depends on it
@@ -360,6 +362,7 @@ def train(cfg: Config, command: str) -> int:
             # from the labels first; grads accumulate in place in flat buffers; then norm, clip and AdamW
             rows = procs.shard_rows(batches.rows(step))  # this rank's [accumulation, micro_batch]
             loss_sum, n_window, norm = train_step(batches.micro_batches(rows), lr=lr, step=step + 1)
+            model.after_optimizer_step()  # fp8-hybrid: amax history -> next scales; nvfp4: next SR seed (device ops)
             step += 1
 
             loss = loss_sum.item() / max(1, n_window)  # the step's one host sync
