@@ -99,13 +99,13 @@ def to_example(row: Any, ds: DatasetConfig, kind: str) -> Chat | Text:
         messages = [_turn(t, i, (role_key,), (content_key,)) for i, t in enumerate(turns)]
         return _finish_chat(messages, row, ds)
     if kind == "alpaca":
-        instruction = _required(row, ds.instruction_field)
+        instruction = _text(row, ds.instruction_field)
         extra = _optional(row, ds.input_field)
         user = f"{instruction}\n{extra}" if extra else instruction
         return _finish_chat([{"role": "user", "content": user},
-                             {"role": "assistant", "content": _required(row, ds.output_field)}], row, ds)
+                             {"role": "assistant", "content": _text(row, ds.output_field)}], row, ds)
     if kind == "instruction":
-        instruction = _required(row, ds.instruction_field)
+        instruction = _text(row, ds.instruction_field)
         extra = _optional(row, ds.input_field)
         fmt = ds.prompt_format if extra else ds.prompt_format_no_input
         values = {k: ("" if v is None else v) for k, v in row.items()}
@@ -115,7 +115,7 @@ def to_example(row: Any, ds: DatasetConfig, kind: str) -> Chat | Text:
         except (KeyError, IndexError) as e:
             raise RowError("malformed", f"prompt_format refers to {e} which this row lacks") from None
         return _finish_chat([{"role": "user", "content": user},
-                             {"role": "assistant", "content": _required(row, ds.output_field)}], row, ds)
+                             {"role": "assistant", "content": _text(row, ds.output_field)}], row, ds)
     if kind == "response":
         q, r = _first(row, _QUERY_FIELDS), _first(row, _RESPONSE_FIELDS)
         if q is None or r is None:
@@ -128,6 +128,7 @@ def to_example(row: Any, ds: DatasetConfig, kind: str) -> Chat | Text:
 
 
 def _text(row: dict, field: str) -> str:
+    """The non-empty text of a required field (RowError when it is missing or empty)."""
     if field not in row:
         raise RowError("malformed", f"missing field {field!r}")
     text = _as_text(row[field], field)
@@ -146,15 +147,6 @@ def _as_text(value: Any, field: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise RowError("malformed", f"field {field!r} must be text, got {type(value).__name__}")
-
-
-def _required(row: dict, field: str) -> str:
-    if field not in row:
-        raise RowError("malformed", f"missing field {field!r}")
-    text = _as_text(row[field], field)
-    if not text.strip():
-        raise RowError("empty", f"field {field!r} is empty")
-    return text
 
 
 def _optional(row: dict, field: str) -> str:

@@ -21,6 +21,8 @@ from . import rms_norm
 from .rms_norm import (
     BACKWARD_SIGNATURE,
     FORWARD_SIGNATURE,
+    _check,
+    _check_weight,
     launch_backward,
     launch_forward,
     make_backward,
@@ -39,16 +41,6 @@ _backward = kernels_per_codec(
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
-def _check(name: str, t: torch.Tensor, like: torch.Tensor):
-    if t.shape != like.shape or t.dtype != like.dtype:
-        raise ValueError(f"{name} must be {tuple(like.shape)} of {like.dtype}, got {tuple(t.shape)} of {t.dtype}")
-
-
-def _check_weight(weight: torch.Tensor, x: torch.Tensor):
-    if weight.dtype != x.dtype or weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight must be [{x.shape[-1]}] of {x.dtype}, got {tuple(weight.shape)} of {weight.dtype}")
-
-
 def forward(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
     """Numba kernel. residual, x [..., C] -> (y like x, h = residual + x like x, rstd fp32 [rows])."""
     _check("residual", residual, x)
