@@ -3,6 +3,8 @@
 output_dir/checkpoints/step_00000120/
     optimizer.safetensors   fp32 master weights of the trainable parameters + optimizer states (flat, per group)
     rng.safetensors         torch CPU (and CUDA) generator states
+    recipe.safetensors      the recipe's state, when it has one: fp8-hybrid's amax histories and delayed scales,
+                            nvfp4's stochastic-rounding step (model.recipe_state_dict())
     state.json              step, rows consumed, the optimizer layout, the config keys a resume must match,
                             the data hash, format version
 A checkpoint is written into a hidden temporary folder (.tmp-step_...), every file fsynced, then renamed to its
@@ -103,7 +105,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save(output_dir: str | Path, step: int, *, optimizer_tensors: dict[str, torch.Tensor], state: dict,
-         keep: int) -> Path:
+         keep: int, recipe_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`. Returns its folder."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,8 @@ def save(output_dir: str | Path, step: int, *, optimizer_tensors: dict[str, torc
     tmp.mkdir()
     _save_tensors(optimizer_tensors, tmp / "optimizer.safetensors")
     _save_tensors(rng_state(), tmp / "rng.safetensors")
+    if recipe_tensors:
+        _save_tensors(recipe_tensors, tmp / "recipe.safetensors")
     state = {"format": FORMAT, "step": step, **state}
     with open(tmp / "state.json", "w") as f:
         json.dump(state, f, indent=2)
@@ -164,6 +168,20 @@ def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Ten
         raise CheckpointError(f"was written in checkpoint format {state.get('format')}, this version reads {FORMAT}",
                               file=str(path), fix="start a fresh output_dir")
     return state, tensors, rng
+
+
+def load_recipe(path: Path) -> dict[str, torch.Tensor]:
+    """The recipe state of checkpoint `path` ({} when it has none: recipe bf16, or written before recipes had state)."""
+    from safetensors.torch import load_file
+
+    file = path / "recipe.safetensors"
+    if not file.is_file():
+        return {}
+    try:
+        return load_file(str(file))
+    except Exception as e:
+        raise CheckpointError(f"cannot be read ({type(e).__name__}: {e})", file=str(file),
+                              fix="resume from an older checkpoint, or start a fresh output_dir") from None
 
 
 def check_compatible(path: Path, saved: dict, current: dict, saved_layout: dict, layout: dict) -> None:

@@ -314,6 +314,8 @@ def train(cfg: Config, command: str) -> int:
         compat["world_size"] = procs.world_size
     groups = procs.shard_groups(groups)  # data parallel: rank 0's weights everywhere; ZeRO-1 shards the optimizer
     start = _resume(cfg, log, groups, layout, compat, resume_path)
+    if resume_path is not None:  # fp8-hybrid's amax histories and scales, nvfp4's SR step: as the run left them
+        model.load_recipe_state_dict(checkpoint.load_recipe(resume_path))
     graphs = device.type == "cuda" and cfg.use_cuda_graphs is not False
     if cfg.use_cuda_graphs and device.type != "cuda":
         log.info("use_cuda_graphs: no CUDA device, the step runs eagerly")
@@ -388,6 +390,7 @@ def train(cfg: Config, command: str) -> int:
                     continue
                 path = checkpoint.save(out, step, optimizer_tensors=tensors,
                                        state={**checkpoint_state, "rows_consumed": step * plan.rows_per_step},
+                                       recipe_tensors=model.recipe_state_dict(),
                                        keep=cfg.save_total_limit)
                 log.info(f"checkpoint: {path}")
                 log.plot()

@@ -1,0 +1,61 @@
+"""Kill at step N and resume with a low-precision recipe: the recipe's state (fp8-hybrid's amax histories and delayed
+scales, nvfp4's stochastic-rounding step) travels in the checkpoint (recipe.safetensors), so the resumed run equals
+the uninterrupted one bit for bit on CPU (the recipes' exact emulation path). Without that file the resumed fp8 run
+quantises with fresh scales and drifts: the control below shows the test can fail."""
+
+import pytest
+import torch
+from cli_runs import metrics, run, write_config
+from safetensors.torch import load_file
+from surogate.cli.train import INTERRUPT_ENV
+
+RUN = dict(max_steps=5, save_steps=2, eval_steps=0, eval_exact_match_samples=0, gradient_accumulation_steps=2)
+
+
+def _weights(out):
+    return load_file(out / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("recipe", ["fp8-hybrid", "nvfp4"])
+def test_recipe_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch, recipe):
+    straight = tmp_path / "straight"
+    code, _, err = run(["sft", write_config(straight, recipe=recipe, **RUN)], capsys)
+    assert code == 0, err
+
+    killed = tmp_path / "killed"
+    cfg = write_config(killed, recipe=recipe, **RUN)
+    monkeypatch.setenv(INTERRUPT_ENV, "3")
+    assert run(["sft", cfg], capsys)[0] == 130
+    saved = killed / "out" / "checkpoints" / "step_00000002" / "recipe.safetensors"
+    state = load_file(saved)
+    if recipe == "fp8-hybrid":  # 8 quantised linears (2 layers x qkv, o, gate_up, down), history rolled twice
+        assert state["amax_history"].shape == (1024, 8) and (state["amax_history"][1:3] > 0).all()
+        assert (state["scale"] != 1).all()
+    else:
+        assert int(state["seed_step"]) == 2
+    monkeypatch.delenv(INTERRUPT_ENV)
+    code, out, err = run(["sft", cfg, "resume_from_checkpoint=true"], capsys)
+    assert code == 0 and "step_00000002 at step 2" in out, err
+
+    a, b = metrics(straight / "out"), metrics(killed / "out")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    assert [r["grad_norm"] for r in b] == [r["grad_norm"] for r in a]
+    wa, wb = _weights(straight / "out"), _weights(killed / "out")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fp8_resume_without_the_recipe_state_drifts(tmp_path, capsys, monkeypatch):
+    """The control: the same kill-and-resume with recipe.safetensors deleted restarts the scales at 1."""
+    straight = tmp_path / "straight"
+    assert run(["sft", write_config(straight, recipe="fp8-hybrid", **RUN)], capsys)[0] == 0
+    killed = tmp_path / "killed"
+    cfg = write_config(killed, recipe="fp8-hybrid", **RUN)
+    monkeypatch.setenv(INTERRUPT_ENV, "3")
+    assert run(["sft", cfg], capsys)[0] == 130
+    (killed / "out" / "checkpoints" / "step_00000002" / "recipe.safetensors").unlink()
+    monkeypatch.delenv(INTERRUPT_ENV)
+    assert run(["sft", cfg, "resume_from_checkpoint=true"], capsys)[0] == 0
+    a, b = metrics(straight / "out"), metrics(killed / "out")
+    assert [r["loss"] for r in b][:2] == [r["loss"] for r in a][:2]
+    assert [r["loss"] for r in b][2:] != [r["loss"] for r in a][2:]
