@@ -409,6 +409,9 @@ def _check_combinations(cfg: Config, problems: _Problems, command: str | None) -
         problems.add(qlora[1], f"choose one QLoRA mode, got {' and '.join(qlora)}")
     if qlora and not cfg.lora:
         problems.add(qlora[0], "QLoRA trains LoRA adapters on a quantised base: set lora: true")
+    if cfg.offload_residual and not cfg.recompute_block:
+        problems.add("offload_residual", "keeps each layer's input residual in host memory, which is all a layer "
+                     "keeps only with recompute_block: set recompute_block: true (or offload_residual: false)")
     for i, r in enumerate(cfg.report_to):
         if r not in ("tensorboard", "wandb"):
             problems.add(f"report_to[{i}]", f"must be tensorboard or wandb, got {r!r}")
@@ -483,7 +486,9 @@ def check_supported(cfg: Config, *, device: str, world_size: int = 1, model_opti
     for key in QLORA_FORMATS:
         if getattr(cfg, key) and "qlora" not in model_options:
             missing.append((key, "true", f"{key}: false (plain LoRA)"))
-    for key in ("offload_residual", "offload_master", "offload_optimizer", "offload_grads"):
+    if cfg.offload_residual and "offload_residual" not in model_options:
+        missing.append(("offload_residual", "true", "offload_residual: false"))
+    for key in ("offload_master", "offload_optimizer", "offload_grads"):
         if getattr(cfg, key):
             missing.append((key, "true", f"{key}: false"))
     if cfg.optimizer == "adamw_8bit":

@@ -176,6 +176,8 @@ def _load_model(cfg: Config, device):
         extra["qlora_options"] = {"fp8": {"tile": cfg.qlora_block_size}, "nvfp4": {},
                                   "nf4": {"block_size": cfg.qlora_bnb_block_size,
                                           "double_quant": cfg.qlora_bnb_double_quant}}[qlora[0]]
+    if cfg.offload_residual:
+        extra["offload_residual"] = True
     model = load_pretrained(cfg.model, dtype=dtype, device=device, lora=lora, recompute=flags, **extra)
     model.train()
     return model, dtype

@@ -10,6 +10,8 @@ from surogate.quant import Recipe
 
 from . import _quant
 from ._errors import ModelError
+from ._offload import check_recompute
+from ._recompute import Recompute
 from .config import ModelConfig
 from .lora import LoraConfig
 from .model import CausalLM
@@ -21,7 +23,7 @@ _DTYPES = (torch.bfloat16, torch.float32)  # what the kernels compute in (fp16 c
 def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                     lora: LoraConfig | None = None, recompute: str | dict | None = None,
                     recipe: str | Recipe | None = None, qlora: str | None = None,
-                    qlora_options: dict | None = None) -> CausalLM:
+                    qlora_options: dict | None = None, offload_residual: bool = False) -> CausalLM:
     """Read config.json and model.safetensors (or a sharded index) from `path`.
 
     dtype: the weights' dtype after loading: bf16 or fp32, converted from the files' bf16 / fp16 / fp32.
@@ -32,9 +34,13 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
     qlora: None, "fp8", "nvfp4" or "nf4": store the frozen base weights (qkv, o, gate_up, down) quantised, each
         quantised as it is read; needs lora. qlora_options: {"tile": 128} (fp8), {"block_size": 64,
         "double_quant": True} (nf4).
+    offload_residual: keep each layer's input residual in host memory between forward and backward (needs
+        recompute="block"; CausalLM.set_offload_residual).
     """
     if dtype not in _DTYPES:
         raise ModelError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+    if offload_residual:  # before the weights are read
+        check_recompute(Recompute.parse(recompute))
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: not a folder. Point to a Hugging Face model folder (config.json + safetensors).")
@@ -44,18 +50,21 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
     convert = _quant.quantizer(qlora, options, dtype)
     tensors, layout = load_hf(path, config, dtype, torch.device(device), convert)
     return CausalLM(config, tensors, lora=lora, recompute=recompute, layout=layout, recipe=recipe, qlora=qlora,
-                    qlora_options=options)
+                    qlora_options=options, offload_residual=offload_residual)
 
 
 def init_model(config: ModelConfig | dict, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                lora: LoraConfig | None = None, recompute: str | dict | None = None, seed: int = 0,
                std: float = 0.02, recipe: str | Recipe | None = None, qlora: str | None = None,
-               qlora_options: dict | None = None) -> CausalLM:
+               qlora_options: dict | None = None, offload_residual: bool = False) -> CausalLM:
     """A model with fresh weights (pre-training from scratch, benchmarks): matrices ~ N(0, std), norms 1, biases 0.
     `config` is a ModelConfig or a Hugging Face config.json dict. Drawn on `device` with a seeded generator.
-    recipe, qlora, qlora_options: as in load_pretrained (QLoRA quantises each weight as it is drawn)."""
+    recipe, qlora, qlora_options, offload_residual: as in load_pretrained (QLoRA quantises each weight as it is
+    drawn)."""
     if dtype not in _DTYPES:
         raise ModelError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+    if offload_residual:
+        check_recompute(Recompute.parse(recompute))
     if isinstance(config, dict):
         config = ModelConfig.from_dict(config)
     recipe = _quant.resolve_recipe(recipe, config)
@@ -76,4 +85,5 @@ def init_model(config: ModelConfig | dict, *, dtype: torch.dtype = torch.bfloat1
             t = (torch.randn(shape, generator=generator, device=device) * std).to(dtype)
             tensors[name] = t if convert is None else convert(name, t)
             del t  # with QLoRA: one full-precision weight at a time
-    return CausalLM(config, tensors, lora=lora, recompute=recompute, recipe=recipe, qlora=qlora, qlora_options=options)
+    return CausalLM(config, tensors, lora=lora, recompute=recompute, recipe=recipe, qlora=qlora, qlora_options=options,
+                    offload_residual=offload_residual)

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import _ops, _quant, weights
 from ._errors import ModelError
+from ._offload import OffloadBuffers, check_recompute
 from ._recompute import Recompute
 from .blocks import attention, mlp
 from .blocks._context import BlockContext
@@ -137,16 +138,19 @@ class CausalLM(nn.Module):
     recipe: "bf16" (default) / "fp8-hybrid" / "nvfp4" or a surogate.quant.Recipe for config.num_layers: how the
     base linear layers' GEMMs run. qlora: None / "fp8" / "nvfp4" / "nf4": the frozen base weights (qkv, o, gate_up,
     down) stored quantised (tensors may already hold QuantizedWeights; plain ones are quantised here), LoRA required;
-    qlora_options: {"tile"} for fp8, {"block_size", "double_quant"} for nf4."""
+    qlora_options: {"tile"} for fp8, {"block_size", "double_quant"} for nf4. offload_residual: see
+    set_offload_residual."""
 
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], *, lora: LoraConfig | None = None,
                  recompute: str | dict | Recompute | None = None, layout: weights.Layout | None = None,
-                 recipe: str | Recipe | None = None, qlora: str | None = None, qlora_options: dict | None = None):
+                 recipe: str | Recipe | None = None, qlora: str | None = None, qlora_options: dict | None = None,
+                 offload_residual: bool = False):
         super().__init__()
         if config.num_layers < 1:
             raise ModelError("num_hidden_layers must be >= 1")
         self.config = config
         self.recompute = Recompute.parse(recompute)
+        self.set_offload_residual(offload_residual)
         self.layout = layout
         self.recipe = _quant.resolve_recipe(recipe, config)
         options = _quant.check_qlora(qlora, qlora_options, lora, config)
@@ -235,6 +239,17 @@ class CausalLM(nn.Module):
         except (KeyError, ValueError) as e:
             raise ModelError(f"recipe state does not fit recipe {self.recipe.name}: {e}") from None
 
+    # ------------------------------------------------------------------------------------------ offload
+    def set_offload_residual(self, on: bool) -> None:
+        """offload_residual (needs recompute_block): each layer's kept input residual goes to (pinned) host memory
+        after its forward and comes back two layers ahead in backward (see _offload.py), so activation memory no
+        longer grows with depth. Copies only: the numbers do not change. CUDA-graph capturable once one step ran
+        eagerly (that step allocates the host buffers)."""
+        if on:
+            check_recompute(self.recompute)
+        self.offload_residual = bool(on)
+        self._offload = OffloadBuffers() if on else None
+
     # ------------------------------------------------------------------------------------------ compute
     def _uses_flash(self) -> bool:
         d = self.config.head_dim
@@ -258,6 +273,7 @@ class CausalLM(nn.Module):
         bc = BlockContext(
             config=self.config, docs=docs, inv_freq=self.inv_freq.float(), recompute=self.recompute, flash=flash,
             lora_scale=lora.scale if lora else 1.0, dropout=lora.dropout if (lora and self.training) else 0.0,
+            offload=self._offload.begin(device) if self._offload is not None and torch.is_grad_enabled() else None,
         )
         x = Embedding.apply(ids.reshape(-1).to(device=device, dtype=torch.int64), self.model.embed_tokens.weight)
         residual, delta = x, None

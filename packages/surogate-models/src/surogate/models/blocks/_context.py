@@ -1,4 +1,5 @@
-"""What every block of one forward call shares: dims, document layout, RoPE table, recompute flags, LoRA."""
+"""What every block of one forward call shares: dims, document layout, RoPE table, recompute flags, LoRA,
+the residual offload buffers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._offload import OffloadBuffers
 from .._recompute import Recompute
 from ..config import ModelConfig
 from . import _flash, _reference_attention
@@ -21,6 +23,7 @@ class BlockContext:
     flash: bool  # FlashAttention varlen (CUDA bf16/fp16) or the reference attention
     lora_scale: float = 1.0
     dropout: float = 0.0  # LoRA dropout in effect (0 outside training)
+    offload: OffloadBuffers | None = None  # offload_residual: where RecomputedBlock keeps its saved tensors
 
     @property
     def attention(self):

@@ -4,6 +4,8 @@ everything kept, then runs the MLP backward and the attention backward (the same
 
 The rerun attention half starts from h with a plain RMSNorm, where forward fused the residual add into it:
 h is the same tensor and the norm is the same math, so the numbers do not change.
+offload_residual (bc.offload, see _offload.py): the kept tensors go to host memory in forward instead of
+save_for_backward and come back (prefetched two layers ahead) in backward: bit for bit the same tensors.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class RecomputedBlock(torch.autograd.Function):
         saved = {"h": h}
         saved.update({f"att.{k}": v for k, v in _masks(acts_a).items()})
         saved.update({f"mlp.{k}": v for k, v in _masks(acts_m).items()})
-        pack(ctx, saved, tensors)
+        ctx.ticket = None if bc.offload is None else bc.offload.save(saved)  # offload_residual: host copies
+        pack(ctx, saved if ctx.ticket is None else {}, tensors)
         ctx.bc, ctx.gemms = bc, gemms
         return h2, z
 
@@ -48,8 +51,10 @@ class RecomputedBlock(torch.autograd.Function):
     def backward(ctx, dh2, dz):
         dh2, dz = dh2.contiguous(), dz.contiguous()  # the kernels read rows of contiguous tensors
         saved, weights = unpack(ctx, SLOTS)
-        wa, wm = _split(weights, ctx.gemms)
         bc = ctx.bc
+        if ctx.ticket is not None:
+            saved = bc.offload.load(ctx.ticket)
+        wa, wm = _split(weights, ctx.gemms)
         masks_a = {k[4:]: v for k, v in saved.items() if k.startswith("att.")}
         masks_m = {k[4:]: v for k, v in saved.items() if k.startswith("mlp.")}
         with torch.no_grad():
