@@ -6,38 +6,76 @@ the number of tensors, and data parallelism reduces one buffer. Trainable parame
 buffer (the model dtype) and their `.grad` views into a flat grad buffer, so autograd accumulates micro-batch grads
 in place. An fp32 master copy exists only when the work dtype is not fp32.
 
+Optimizer state per group: `adamw` keeps fp32 exp_avg / exp_avg_sq (8 bytes a parameter); `adamw_8bit` keeps
+blockwise 8-bit codes with one fp32 absmax per 2048 parameters and per moment (surogate.quant.optim.adamw8bit,
+2 bytes a parameter). `offload_optimizer` puts those states, `offload_master` the fp32 master, in pinned host memory
+(surogate.cli.offload: the kernel reads it zero-copy, or it is streamed through the GPU in double-buffered chunks);
+the work weights and grads stay on the device. Every variant updates the same values as the resident fp32-or-8-bit
+update, bit for bit (the update is elementwise, 8-bit per 2048-block; chunks are multiples of 2048), except
+stochastic rounding under `stream`, which draws its bits per chunk.
+
 Why CUDA graphs: a Numba launch costs 40-140 us of Python, so an eager step is CPU-bound. Shapes are static
 ([micro_batch, seq_len] rows), the loss normaliser, learning rate and step count live in device tensors that are
 refilled before each replay, and nothing inside the step reads a value back to the host. Packed documents change
 the length of cu_seqlens (FlashAttention varlen); it is padded with empty documents to a power-of-two bucket and
 one micro-step graph is captured per bucket seen (all sharing one memory pool; they never run concurrently).
+The first run of each graph is eager, on a side stream: it is the warm-up torch needs before a capture (Numba
+compiles, autograd and cuBLAS set up) and also real work, so nothing has to be snapshotted and restored (a snapshot
+of the optimizer buffers would double their memory). The graph is captured on the second run, then replayed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from surogate.kernels import adamw_step, clip_scale, global_grad_norm
+from surogate.quant.optim.adamw8bit import (
+    BLOCK,
+    M_ZERO_CODE,
+    V_ZERO_CODE,
+    AdamW8bitState,
+    hyper_parameters,
+    reference_step,
+    step_kernel,
+)
+
+from .offload import CHUNK, Buffer, Streamer
+
+OPTIMIZERS = ("adamw", "adamw_8bit")
+OFFLOAD_METHODS = ("zero_copy", "stream")
 
 
 @dataclass
 class ParamGroup:
-    """Parameters sharing a weight decay, as views into flat buffers."""
+    """Parameters sharing a weight decay, as views into flat buffers, with their optimizer buffers.
+
+    optimizer: adamw (fp32 states) or adamw_8bit. offload_master / offload_optimizer: the fp32 master / the states in
+    pinned host memory, reached by `offload_method` zero_copy or stream (chunks of `chunk` parameters)."""
 
     params: list[torch.nn.Parameter]
     weight_decay: float
+    optimizer: str = "adamw"
+    offload_master: bool = False
+    offload_optimizer: bool = False
+    offload_method: str = "zero_copy"
+    chunk: int = CHUNK
     work: torch.Tensor = field(init=False)  # flat, model dtype; the parameters are views into it
     grad: torch.Tensor = field(init=False)  # flat, model dtype; the parameters' .grad are views into it
-    master: torch.Tensor = field(init=False)  # flat fp32; `work` itself when the model dtype is fp32
-    exp_avg: torch.Tensor = field(init=False)
-    exp_avg_sq: torch.Tensor = field(init=False)
+    buffers: dict[str, Buffer] = field(init=False)  # master, then the optimizer states
+    streamer: Streamer | None = field(init=False, default=None)
 
     def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.offload_method not in OFFLOAD_METHODS:
+            raise ValueError(f"offload_method must be one of {', '.join(OFFLOAD_METHODS)}, got {self.offload_method!r}")
         first = self.params[0]
+        device = first.device
         total = sum(p.numel() for p in self.params)
-        self.work = torch.empty(total, dtype=first.dtype, device=first.device)
-        self.grad = torch.zeros(total, dtype=first.dtype, device=first.device)
+        self.work = torch.empty(total, dtype=first.dtype, device=device)
+        self.grad = torch.zeros(total, dtype=first.dtype, device=device)
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -45,33 +83,156 @@ class ParamGroup:
             p.data = self.work[offset : offset + n].view(p.shape)
             p.grad = self.grad[offset : offset + n].view(p.shape)
             offset += n
-        self.master = self.work if first.dtype == torch.float32 else self.work.float()
-        self.exp_avg = torch.zeros(total, dtype=torch.float32, device=first.device)
-        self.exp_avg_sq = torch.zeros(total, dtype=torch.float32, device=first.device)
+        if first.dtype == torch.float32:  # the work weights are their own master: nothing separate to offload
+            self.offload_master = False
+            self.buffers = {"master": Buffer(self.work)}
+        else:
+            self.buffers = {"master": Buffer.allocate(total, torch.float32, device, offload=self.offload_master)}
+            self.buffers["master"].data.copy_(self.work)
+        off = self.offload_optimizer
+        if self.optimizer == "adamw":
+            for name in ("exp_avg", "exp_avg_sq"):
+                self.buffers[name] = Buffer.allocate(total, torch.float32, device, offload=off)
+        else:
+            blocks = -(-total // BLOCK)
+            self.buffers["m_codes"] = Buffer.allocate(total, torch.uint8, device, offload=off, fill=M_ZERO_CODE)
+            self.buffers["v_codes"] = Buffer.allocate(total, torch.uint8, device, offload=off, fill=V_ZERO_CODE)
+            for name in ("m_absmax", "v_absmax"):
+                self.buffers[name] = Buffer.allocate(blocks, torch.float32, device, offload=off, per=BLOCK)
+        offloaded = [b for b in self.buffers.values() if b.offloaded]
+        if offloaded and self.offload_method == "stream":
+            self.streamer = Streamer(offloaded, total, device, self.chunk)
+
+    # ------------------------------------------------------------------------------------------ buffers
+    @property
+    def master(self) -> torch.Tensor:
+        """The fp32 master weights (`work` itself for fp32 models; a host tensor when offloaded)."""
+        return self.buffers["master"].data
+
+    @property
+    def exp_avg(self) -> torch.Tensor:
+        return self.buffers["exp_avg"].data
+
+    @property
+    def exp_avg_sq(self) -> torch.Tensor:
+        return self.buffers["exp_avg_sq"].data
+
+    def memory(self) -> dict[str, dict[str, int]]:
+        """Bytes per kind ({"device": {...}, "host": {...}}): weights, grads, master, optimizer state, staging."""
+        out = {"device": {}, "host": {}}
+
+        def add(where, kind, n):
+            out[where][kind] = out[where].get(kind, 0) + n
+
+        add("device", "weights", self.work.numel() * self.work.element_size())
+        add("device", "grads", self.grad.numel() * self.grad.element_size())
+        for name, buf in self.buffers.items():
+            if name == "master" and buf.data is self.work:
+                continue
+            add("host" if buf.offloaded else "device", "master" if name == "master" else "optimizer", buf.nbytes)
+        if self.streamer is not None:
+            add("device", "staging", self.streamer.nbytes)
+        return out
+
+    def _sync(self) -> None:
+        """Offloaded buffers are written by the device asynchronously: wait before the host touches them."""
+        if self.work.is_cuda and any(b.offloaded for b in self.buffers.values()):
+            torch.cuda.synchronize(self.work.device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"master": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        self._sync()
+        return {name: buf.data for name, buf in self.buffers.items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._sync()
         for name, t in self.state_dict().items():
+            if name not in state:
+                raise ValueError(f"optimizer state `{name}` is missing (the checkpoint holds {', '.join(state)})")
             if state[name].shape != t.shape:
                 raise ValueError(f"optimizer state `{name}` has {state[name].numel()} values, expected {t.numel()}")
             t.copy_(state[name])
         if self.master is not self.work:
             self.work.copy_(self.master)
 
+    # ------------------------------------------------------------------------------------------ the update
+    def update(self, *, lr: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor | None, consts: dict,
+               stochastic_rounding: bool = False, seed: int = 0) -> None:
+        """One AdamW step of this group (device ops only: capturable). consts: 0-d device tensors beta1, beta2, eps
+        and one (for the 8-bit hyper-parameter vector)."""
+        hyper = None
+        if self.optimizer == "adamw_8bit":
+            hyper = hyper_parameters(lr=lr, beta1=consts["beta1"], beta2=consts["beta2"], eps=consts["eps"],
+                                     weight_decay=consts["wd"][self.weight_decay], step=step,
+                                     grad_scale=consts["one"] if grad_scale is None else grad_scale,
+                                     device=self.work.device)
 
-def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[ParamGroup]:
-    """Weight decay on matrices; none on vectors (norm weights, biases). Empty groups are left out."""
+        def run(a: int, b: int, views: dict[str, torch.Tensor]) -> None:
+            master = views["master"]
+            work = None if self.master is self.work else self.work[a:b]
+            if self.optimizer == "adamw":
+                chunk_seed = seed if (a == 0 or not stochastic_rounding) else (seed + a * 0x9E3779B1) % 2**63
+                adamw_step(master, self.grad[a:b], views["exp_avg"], views["exp_avg_sq"], lr=lr,
+                           beta1=consts["betas"][0], beta2=consts["betas"][1], eps=consts["eps_value"],
+                           weight_decay=self.weight_decay, step=step, grad_scale=grad_scale, work_params=work,
+                           stochastic_rounding=stochastic_rounding, seed=chunk_seed)
+            else:
+                state = AdamW8bitState(views["m_codes"], views["v_codes"], views["m_absmax"], views["v_absmax"])
+                (step_kernel if master.is_cuda else reference_step)(master, self.grad[a:b], state, hyper, work)
+
+        n = self.work.numel()
+        if self.streamer is None:  # resident, or offloaded and reached zero-copy: one update over everything
+            run(0, n, {name: buf.alias if buf.offloaded else buf.data for name, buf in self.buffers.items()})
+            return
+        names = list(self.buffers)
+        streamed = [name for name in names if self.buffers[name].offloaded]
+
+        def chunk(a: int, b: int, staged: list[torch.Tensor]) -> None:
+            views = dict(zip(streamed, staged, strict=True))
+            for name in names:
+                if name not in views:
+                    buf = self.buffers[name]
+                    views[name] = buf.data[slice(*buf.span(a, b))]
+            run(a, b, views)
+
+        self.streamer.run(chunk)
+
+
+def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float, **options
+                 ) -> list[ParamGroup]:
+    """Weight decay on matrices; none on vectors (norm weights, biases). Empty groups are left out.
+    options: ParamGroup's optimizer, offload_master, offload_optimizer, offload_method, chunk."""
     decay = [p for _, p in named_params if p.dim() >= 2]
     no_decay = [p for _, p in named_params if p.dim() < 2]
     groups = []
     if decay:
-        groups.append(ParamGroup(decay, weight_decay))
+        groups.append(ParamGroup(decay, weight_decay, **options))
     if no_decay:
-        groups.append(ParamGroup(no_decay, 0.0))
+        groups.append(ParamGroup(no_decay, 0.0, **options))
     return groups
+
+
+def memory_report(groups: list[ParamGroup]) -> tuple[dict[str, dict[str, int]], str]:
+    """Bytes per place and kind over all groups, and one line for the run log."""
+    total = {"device": {}, "host": {}}
+    for g in groups:
+        for where, kinds in g.memory().items():
+            for kind, n in kinds.items():
+                total[where][kind] = total[where].get(kind, 0) + n
+
+    def size(n):
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    def line(where):
+        kinds = total[where]
+        return ", ".join(f"{k} {size(v)}" for k, v in kinds.items()) + f" (total {size(sum(kinds.values()))})"
+
+    g = groups[0]
+    what = "fp32 AdamW states" if g.optimizer == "adamw" else "8-bit AdamW states"
+    text = f"trainer memory ({what}): device: {line('device')}"
+    if total["host"]:
+        text += f"; pinned host: {line('host')}, reached {g.offload_method.replace('_', '-')}"
+    return total, text
 
 
 def cu_seqlens_bucket(position_ids: torch.Tensor) -> torch.Tensor:
@@ -92,15 +253,17 @@ class TrainStep:
     then global grad norm, clip scale and fused AdamW on the device.
 
     `model` must offer loss_sum(input_ids, labels, position_ids, cu_seqlens=...) -> (loss_sum, n_valid).
+    `log` (optional) receives one-line notes, e.g. why the optimizer step runs without a CUDA graph.
     """
 
     def __init__(self, model, groups: list[ParamGroup], *, micro_batch: int, seq_len: int, betas=(0.9, 0.999),
                  eps: float = 1e-8, max_grad_norm: float = 1.0, cuda_graphs: bool = True,
-                 stochastic_rounding: bool = False, seed: int = 0):
+                 stochastic_rounding: bool = False, seed: int = 0, log: Callable[[str], None] | None = None):
         self.model = model
         self.groups = groups
         self.betas, self.eps, self.max_grad_norm = betas, eps, max_grad_norm
         self.stochastic_rounding, self.seed = stochastic_rounding, seed
+        self.log = log or (lambda text: None)
         device = groups[0].work.device
         self.device = device
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
@@ -114,8 +277,16 @@ class TrainStep:
         self.step = torch.zeros((), dtype=torch.float32, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=device)
-        self._micro_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+        def scalar(v):
+            return torch.tensor(float(v), dtype=torch.float32, device=device)
+
+        wds = {getattr(g, "weight_decay", 0.0) for g in groups}
+        self._consts = {"beta1": scalar(betas[0]), "beta2": scalar(betas[1]), "eps": scalar(eps), "one": scalar(1.0),
+                        "wd": {wd: scalar(wd) for wd in wds}, "betas": betas, "eps_value": eps}
+        self._micro_graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # None: warmed up, not captured yet
         self._optimizer_graph: torch.cuda.CUDAGraph | None = None
+        self._optimizer_warm = False
         self._pool = None
 
     # ------------------------------------------------------------------------------------------ the two steps
@@ -129,33 +300,28 @@ class TrainStep:
         norm = torch.stack(squares).sum().sqrt() if len(squares) > 1 else squares[0].sqrt()
         scale = clip_scale(norm, self.max_grad_norm) if self.max_grad_norm > 0 else None
         for g in self.groups:
-            adamw_step(g.master, g.grad, g.exp_avg, g.exp_avg_sq, lr=self.lr, beta1=self.betas[0],
-                       beta2=self.betas[1], eps=self.eps, weight_decay=g.weight_decay, step=self.step,
-                       grad_scale=scale, work_params=None if g.master is g.work else g.work,
-                       stochastic_rounding=self.stochastic_rounding, seed=self.seed)
+            g.update(lr=self.lr, step=self.step, grad_scale=scale, consts=self._consts,
+                     stochastic_rounding=self.stochastic_rounding, seed=self.seed)
             g.grad.zero_()
         self.grad_norm.copy_(norm)
 
     # ------------------------------------------------------------------------------------------ graphs
-    def _capture(self, fn) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream (compiles Numba kernels, lets autograd and cuBLAS set up), then capture."""
+    @staticmethod
+    def _warm_up(fn) -> None:
+        """The first run of a graph's work: eager, on a side stream (torch's rule before a capture); real work."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        snapshot = [(g.grad.clone(), g.master.clone(), g.exp_avg.clone(), g.exp_avg_sq.clone(), g.work.clone())
-                    for g in self.groups]
-        loss, norm = self.loss_sum.clone(), self.grad_norm.clone()
         with torch.cuda.stream(side):
             fn()
         torch.cuda.current_stream().wait_stream(side)
-        # the warm-up must leave no trace: restore every buffer it touched
-        for g, (grad, master, m, v, work) in zip(self.groups, snapshot, strict=True):
-            g.grad.copy_(grad), g.master.copy_(master), g.exp_avg.copy_(m), g.exp_avg_sq.copy_(v), g.work.copy_(work)
+
+    def _capture(self, fn) -> torch.cuda.CUDAGraph:
+        """Capture fn (it does not run: replay it)."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             fn()
-        self.loss_sum.copy_(loss), self.grad_norm.copy_(norm)
         return graph
 
     def _run_micro(self, bucket: int) -> None:
@@ -163,10 +329,33 @@ class TrainStep:
         if not self.cuda_graphs:
             self._micro_step(cu)
             return
-        graph = self._micro_graphs.get(bucket)
-        if graph is None:
-            graph = self._micro_graphs[bucket] = self._capture(lambda: self._micro_step(cu))
-        graph.replay()
+        if bucket not in self._micro_graphs:
+            self._warm_up(lambda: self._micro_step(cu))
+            self._micro_graphs[bucket] = None
+            return
+        if self._micro_graphs[bucket] is None:
+            self._micro_graphs[bucket] = self._capture(lambda: self._micro_step(cu))
+        self._micro_graphs[bucket].replay()
+
+    def _run_optimizer(self) -> None:
+        if not (self.cuda_graphs and self.capture_optimizer):
+            self._optimizer_step()
+            return
+        if not self._optimizer_warm:
+            self._warm_up(self._optimizer_step)
+            self._optimizer_warm = True
+            return
+        if self._optimizer_graph is None:
+            try:
+                self._optimizer_graph = self._capture(self._optimizer_step)
+            except RuntimeError as e:  # e.g. a copy this torch build cannot capture: run eagerly, say why
+                torch.cuda.synchronize()
+                self.capture_optimizer = False
+                self.log(f"use_cuda_graphs: the optimizer step could not be captured ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); it runs eagerly from now on")
+                self._optimizer_step()
+                return
+        self._optimizer_graph.replay()
 
     # ------------------------------------------------------------------------------------------ data-parallel hooks
     # (surogate.cli.distributed overrides these; in one process they count locally and reduce nothing)
@@ -202,10 +391,5 @@ class TrainStep:
         self._reduce_grads()
         self.lr.fill_(lr)
         self.step.fill_(step)
-        if self.cuda_graphs and self.capture_optimizer:
-            if self._optimizer_graph is None:
-                self._optimizer_graph = self._capture(self._optimizer_step)
-            self._optimizer_graph.replay()
-        else:
-            self._optimizer_step()
+        self._run_optimizer()
         return self.loss_sum, valid, self.grad_norm
