@@ -27,6 +27,7 @@ of the optimizer buffers would double their memory). The graph is captured on th
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -368,6 +369,11 @@ class TrainStep:
     def _reduce_grads(self) -> None:
         """Between the last micro-step and the optimizer step, outside any captured graph."""
 
+    def _micro_scope(self):
+        """A context around each micro-step (its eager run, warm-up or graph replay), outside any captured graph:
+        ZeRO-2/3 reduce-scatter the micro-step's gradients as it ends, ZeRO-3 gathers weights inside it."""
+        return nullcontext()
+
     # ------------------------------------------------------------------------------------------ the public step
     def __call__(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, step: int):
         """micro_batches: dicts of CPU tensors input_ids, labels, position_ids [micro_batch, seq_len].
@@ -387,7 +393,8 @@ class TrainStep:
                 if bucket not in self.cu_seqlens:
                     self.cu_seqlens[bucket] = torch.empty(bucket, dtype=torch.int32, device=self.device)
                 self.cu_seqlens[bucket].copy_(cu, non_blocking=True)
-            self._run_micro(bucket)
+            with self._micro_scope():
+                self._run_micro(bucket)
         self._reduce_grads()
         self.lr.fill_(lr)
         self.step.fill_(step)
