@@ -10,7 +10,7 @@ import torch
 from .._offload import OffloadBuffers
 from .._recompute import Recompute
 from ..config import ModelConfig
-from . import _flash, _reference_attention
+from . import _cudnn, _flash, _reference_attention
 from ._documents import Documents
 
 
@@ -27,7 +27,15 @@ class BlockContext:
 
     @property
     def attention(self):
-        return _flash if self.flash else _reference_attention
+        """cuDNN for rows that are one document each (when it runs these shapes), FlashAttention-2 varlen for
+        packed rows, the reference attention on CPU / fp32."""
+        if not self.flash:
+            return _reference_attention
+        c, q = self.config, self.inv_freq
+        if self.docs.rows_are_documents and _cudnn.available(q.device.index or 0, c.num_heads, c.num_kv_heads,
+                                                             c.head_dim):
+            return _cudnn
+        return _flash
 
     @property
     def softmax_scale(self) -> float:

@@ -2,6 +2,8 @@
 
 A document starts at the first token of each row and wherever a position id is not the previous one + 1
 (position ids reset per packed document). Attention never crosses a document boundary.
+Without position ids and cu_seqlens every row is one causal document (`rows_are_documents`): the blocks may then
+use dense causal attention per row (cuDNN), the same numbers as FlashAttention varlen up to bf16 rounding.
 Callers that capture CUDA graphs pass cu_seqlens themselves (int32 on the device, over the flattened tokens,
 a start at every row start, optionally padded at the end with repeats of the token count = empty documents,
 which FlashAttention skips); then nothing here reads a value back to the host.
@@ -26,6 +28,7 @@ class Documents:
     cu_seqlens: torch.Tensor | None = None  # FlashAttention
     max_seqlen: int = 0
     mask: torch.Tensor | None = None  # reference attention: [batch, 1, seq, seq] bool, True = may attend
+    rows_are_documents: bool = False  # one causal document per row (no position ids, no cu_seqlens given)
 
     @property
     def tokens(self) -> int:
@@ -47,7 +50,8 @@ def build_documents(batch: int, seq: int, position_ids: torch.Tensor | None, dev
     if position_ids is None:
         position_ids = torch.arange(seq, device=device).expand(batch, seq)
     position_ids = position_ids.to(device=device, dtype=torch.int64)
-    docs = Documents(batch, seq, position_ids.reshape(-1).to(torch.int32).contiguous())
+    docs = Documents(batch, seq, position_ids.reshape(-1).to(torch.int32).contiguous(),
+                     rows_are_documents=not packed and cu_seqlens is None)
     if flash:
         if cu_seqlens is not None:
             docs.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)

@@ -153,8 +153,14 @@ def backward(acts: dict, dh, dy, w: dict, bc: BlockContext, need_dx: bool, need:
     out = acts["att"].view(-1, c.num_heads, c.head_dim)
     dq, dk, dv = bc.attention.attention_backward(d_att.view_as(out), q, k, v, out, acts["lse"], acts["att_extra"],
                                                  bc.docs, bc.softmax_scale)
-    n = dq.shape[0]
-    d_qkv = torch.cat([dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)], dim=1)
+    # one copy of each into d_qkv; cuDNN hands back [batch, seq, heads, d] strided views, FlashAttention [tokens,
+    # heads, d]: reshape to [batch, seq, heads, d] is a view of either
+    docs = bc.docs
+    d_qkv = torch.empty(docs.tokens, c.qkv_size, dtype=dy.dtype, device=dy.device)
+    parts = d_qkv.view(docs.batch, docs.seq, -1, c.head_dim)
+    heads = (0, c.num_heads, c.num_heads + c.num_kv_heads, c.num_heads + 2 * c.num_kv_heads)
+    for i, grad in enumerate((dq, dk, dv)):
+        parts[:, :, heads[i] : heads[i + 1]].copy_(grad.reshape(docs.batch, docs.seq, -1, c.head_dim))
     pos = bc.docs.position_ids
     if c.qk_norm:
         d_qkv, g["q_norm"], g["k_norm"] = _ops.qk_norm_rope_backward(
