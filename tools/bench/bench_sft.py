@@ -127,11 +127,18 @@ def run_hf(name, mode, seq_len, micro_batch, steps, warmup, liger=False, checkpo
     return time_steps(step, steps, warmup)
 
 
+MEMORY: dict[str, float] = {}  # the last surogate run's memory breakdown (GiB), printed with --memory-breakdown
+
+
 def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16", cuda_graphs=True, recompute=None,
-                 docs_per_row=1):
+                 docs_per_row=1, offload_residual=False):
     """Our training step (surogate.cli.step.TrainStep: flat buffers, fused AdamW, CUDA graphs) on the same shapes.
     By default each row is one causal sequence, exactly the attention work the peers do; docs_per_row > 1 packs
-    documents (FlashAttention varlen with document masking: less attention work)."""
+    documents (FlashAttention varlen with document masking: less attention work). offload_residual (with
+    recompute="block"): each layer's residual in pinned host memory between forward and backward.
+    Fills MEMORY: the peak while the random weights were drawn (init only: loading a checkpoint has no fp32 draw),
+    weights (after init), + optimizer (after TrainStep: trainable weights' grads, fp32 master, AdamW states), the
+    training peak (warm-up, capture, steps) and the offload host buffers; the returned peak is the whole run's."""
     from surogate.cli.step import TrainStep, param_groups
     from surogate.models import LoraConfig, init_model
 
@@ -139,9 +146,15 @@ def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16",
     lora = LoraConfig(rank=16, alpha=32, target_modules=tuple(LORA_TARGETS)) if mode == "lora" else None
     qlora = recipe.removeprefix("qlora-") if recipe.startswith("qlora-") else None  # e.g. "qlora-nf4"
     model = init_model(config.to_dict() | {"architectures": [arch]}, dtype=torch.bfloat16, device="cuda", lora=lora,
-                       recompute=recompute, recipe="bf16" if qlora else recipe, qlora=qlora)
+                       recompute=recompute, recipe="bf16" if qlora else recipe, qlora=qlora,
+                       offload_residual=offload_residual)
+    MEMORY.clear()
+    MEMORY["init peak"] = torch.cuda.max_memory_allocated() / 2**30
+    MEMORY["weights"] = torch.cuda.memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
     groups = param_groups(model.trainable_parameters(), weight_decay=0.0 if mode == "lora" else 0.1)
     train_step = TrainStep(model, groups, micro_batch=micro_batch, seq_len=seq_len, cuda_graphs=cuda_graphs)
+    MEMORY["weights+optimizer"] = torch.cuda.memory_allocated() / 2**30
     doc = seq_len // docs_per_row
     position_ids = torch.arange(seq_len).remainder(doc).expand(micro_batch, seq_len).contiguous()
     batches = [dict(input_ids=b[:, :-1].contiguous(), labels=b[:, 1:].contiguous(), position_ids=position_ids)
@@ -152,7 +165,11 @@ def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16",
         model.after_optimizer_step()  # fp8 delayed scaling: amax history -> next scales (no-op for bf16)
         return loss_sum / valid
 
-    return time_steps(step, steps, warmup)
+    step_s, peak, loss = time_steps(step, steps, warmup)
+    MEMORY["training peak"] = peak
+    if offload_residual:
+        MEMORY["offload host"] = model._offload.nbytes()[0] / 2**30
+    return step_s, max(peak, MEMORY["init peak"]), loss
 
 
 def time_steps(step, steps, warmup):
@@ -171,6 +188,8 @@ FRAMEWORKS = {
     "surogate": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r),
     "surogate-eager": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, cuda_graphs=False),
     "surogate-ckpt": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, recompute="block"),
+    "surogate-ckpt-offload": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, recompute="block",
+                                                                       offload_residual=True),
     "surogate-packed": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, docs_per_row=4),
     "hf": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w),
     "hf-liger": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w, liger=True),
@@ -189,12 +208,15 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/sft.csv")
+    parser.add_argument("--memory-breakdown", action="store_true",
+                        help="after each surogate row: weights, + optimizer, offload host buffers, peak (GiB)")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     rows = []
     print(f"# {gpu}; seq_len {args.seq_len}, micro-batch {args.micro_batch}; {args.steps} timed steps after {args.warmup}")
-    print(f"{'framework':15} {'model':13} {'mode':5} {'recipe':11} {'tok/s':>9} {'step ms':>8} {'peak GiB':>8} {'MFU':>6}  loss")
+    print(f"{'framework':21} {'model':13} {'mode':5} {'recipe':11} {'tok/s':>9} {'step ms':>8} {'peak GiB':>8} "
+          f"{'MFU':>6}  loss")
     for name in args.models.split(","):
         for mode in args.modes.split(","):
             for recipe in args.recipes.split(","):
@@ -206,7 +228,7 @@ def main():
                         step_s, peak, loss = FRAMEWORKS[fw](name, mode, args.seq_len, args.micro_batch, args.steps,
                                                             args.warmup, recipe)
                     except Exception as e:  # a peer that is not installed or runs out of memory: say so, go on
-                        print(f"{fw:15} {name:13} {mode:5} {recipe:11} failed: {type(e).__name__}: {str(e)[:200]}")
+                        print(f"{fw:21} {name:13} {mode:5} {recipe:11} failed: {type(e).__name__}: {str(e)[:200]}")
                         continue
                     finally:
                         gc.collect()
@@ -219,8 +241,12 @@ def main():
                                tokens_per_s=round(tps), step_ms=round(step_s * 1e3, 2), peak_gib=round(peak, 2),
                                mfu=round(mfu, 4), command=command)
                     rows.append(row)
-                    print(f"{fw:15} {name:13} {mode:5} {recipe:11} {tps:9.0f} {step_s * 1e3:8.1f} {peak:8.2f} "
+                    print(f"{fw:21} {name:13} {mode:5} {recipe:11} {tps:9.0f} {step_s * 1e3:8.1f} {peak:8.2f} "
                           f"{100 * mfu:5.1f}%  {loss:.3f}")
+                    if args.memory_breakdown and fw.startswith("surogate"):
+                        parts = ", ".join(f"{k} {v:.2f}" for k, v in MEMORY.items())
+                        rest = MEMORY["training peak"] - MEMORY["weights+optimizer"]
+                        print(f"{'':21} memory GiB: {parts}; activations + transients at the training peak {rest:.2f}")
     if rows and args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         new = not os.path.exists(args.out)

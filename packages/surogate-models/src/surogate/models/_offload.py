@@ -17,7 +17,8 @@ CUDA (one side stream, events recorded on the compute stream = the current strea
 Every side-stream copy is joined back into the compute stream by an event wait, so the whole pattern is captured by
 torch.cuda.graph as one graph with two branches. Buffers (pinned host buffers per layer and tensor, the 3-slot ring
 per tensor) are allocated when a forward first needs them, which must happen outside a capture (TrainStep's warm-up
-does), and are reused on every step and by every captured graph.
+does), and are reused on every step and by every captured graph; a larger shape later allocates larger ones and keeps
+the outgrown ones alive (a graph captured at the smaller shape still copies into them).
 CPU: the same steps with host-to-host copies, no streams or events (the CPU test suite runs this code path).
 """
 
@@ -59,6 +60,7 @@ class OffloadBuffers:
         self.layouts: list[dict] = []  # per layer of this pass: key -> (shape, dtype), or None for a None value
         self.pending: dict[int, dict] = {}  # layer -> its device tensors, not yet released
         self.fetched: set[int] = set()  # layers whose host -> device copy was issued in this pass
+        self.retired: list[torch.Tensor] = []  # outgrown buffers: a graph captured earlier may still copy into them
 
     # ------------------------------------------------------------------------------------------ public steps
     def begin(self, device: torch.device) -> OffloadBuffers:
@@ -177,6 +179,8 @@ class OffloadBuffers:
                 if _capturing(self.device):
                     raise ModelError("offload_residual: the activation shapes changed inside a CUDA graph capture; "
                                      "run the new shape eagerly once first (it allocates the buffers), then capture.")
+                if buf is not None:
+                    self.retired.append(buf)
                 buf = store[k] = torch.empty(n, dtype=torch.uint8, device="cpu" if on_host else self.device,
                                              pin_memory=on_host and self.stream is not None)
             out[k] = buf[:n].view(dtype).view(shape)

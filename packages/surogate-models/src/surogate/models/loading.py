@@ -82,7 +82,7 @@ def init_model(config: ModelConfig | dict, *, dtype: torch.dtype = torch.bfloat1
         elif name.endswith(".bias"):
             tensors[name] = torch.zeros(shape, dtype=dtype, device=device)
         else:
-            t = (torch.randn(shape, generator=generator, device=device) * std).to(dtype)
+            t = torch.randn(shape, generator=generator, device=device).mul_(std).to(dtype)  # in place: one fp32 copy
             tensors[name] = t if convert is None else convert(name, t)
             del t  # with QLoRA: one full-precision weight at a time
     return CausalLM(config, tensors, lora=lora, recompute=recompute, recipe=recipe, qlora=qlora, qlora_options=options,
