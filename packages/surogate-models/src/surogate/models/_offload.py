@@ -61,6 +61,7 @@ class OffloadBuffers:
         self.pending: dict[int, dict] = {}  # layer -> its device tensors, not yet released
         self.fetched: set[int] = set()  # layers whose host -> device copy was issued in this pass
         self.retired: list[torch.Tensor] = []  # outgrown buffers: a graph captured earlier may still copy into them
+        self.leftover: list[dict] = []  # pending tensors of a pass never backpropagated, met inside a capture
 
     # ------------------------------------------------------------------------------------------ public steps
     def begin(self, device: torch.device) -> OffloadBuffers:
@@ -70,7 +71,14 @@ class OffloadBuffers:
                 raise ModelError("offload_residual: the first forward on a device ran inside a CUDA graph capture; "
                                  "run one step eagerly first (it allocates the host buffers), then capture.")
             self._reset(device)
-        self._release(lambda layer: True)
+        if self.pending or self.leftover:
+            if _capturing(device):  # their copies were queued before the capture: no event of it can join them
+                self.leftover.extend(self.pending.values())  # so they stay alive until an eager pass
+            else:
+                if self.stream is not None:
+                    torch.cuda.current_stream(device).wait_stream(self.stream)
+                self.leftover = []
+            self.pending = {}
         self.pass_id += 1
         self.layouts = []
         self.fetched = set()
