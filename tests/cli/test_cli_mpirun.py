@@ -1,9 +1,11 @@
 """`mpirun -n 2 surogate sft` on the CPU (gloo): 2 ranks x micro-batch b train exactly what 1 process x 2b trains.
 
-Each 2-rank run (plain data parallel = zero_level 0, and ZeRO-1; full and LoRA) is compared with a 1-process run
-in this process: per-step losses and grad norms, the final weights, and (ZeRO-1 full) the gathered checkpoint.
-Agreement is fp32 rounding: the two runs sum the batch's gradients in a different order (measured ~1e-6 relative
-on the weights after 6 AdamW steps, ~1e-7 on the losses), hence 1e-5.
+Each 2-rank run (zero_level 0 = plain data parallel, 1, 2 and 3; full and LoRA) is compared with a 1-process run:
+per-step losses and grad norms, the final weights, and (full) the gathered checkpoint of step 3. Agreement is fp32
+rounding: the runs sum the batch's gradients in a different order (measured ~1.5e-6 relative on the weights after
+6 AdamW steps, ~4e-8 on the losses), hence 1e-5. offload_grads (zero 2) adds the same fp32 numbers in host memory:
+bit for bit the run without it. A rank that raises ends the job (zero 1 and 3) within 60 s. Each 2-rank run takes
+~5 s on 2 cores; a run is shared by the tests that read it.
 """
 
 import importlib.util
@@ -78,28 +80,43 @@ def one_process(tmp_path_factory):
     return outs
 
 
-@pytest.mark.parametrize("zero", [0, 1])
+_TWO_RANKS: dict[tuple, tuple[Path, str]] = {}
+
+
+def _two_ranks(tmp_path_factory, mode: str, zero: int, offload_grads: bool = False) -> tuple[Path, str]:
+    """(output_dir, output) of `mpirun -n 2 surogate sft` with micro-batch 1 (full saves at step 3), run once."""
+    key = (mode, zero, offload_grads)
+    if key not in _TWO_RANKS:
+        tmp = tmp_path_factory.mktemp(f"two-{mode}-{zero}{'-offload' if offload_grads else ''}")
+        save = {"save_steps": 3} if mode == "full" else {}
+        config = _runs.write_config(tmp, per_device_train_batch_size=1, **BASE, **MODES[mode], **save)
+        overrides = [f"zero_level={zero}"] + (["offload_grads=true"] if offload_grads else [])
+        proc, seconds = _mpirun_sft(config, overrides)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"({seconds:.1f} s)\n{output}"
+        _TWO_RANKS[key] = (tmp / "out", output)
+    return _TWO_RANKS[key]
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_two_ranks_equal_one_process_with_twice_the_micro_batch(tmp_path, one_process, mode, zero):
-    save = {"save_steps": 3} if mode == "full" else {}
-    config = _runs.write_config(tmp_path, per_device_train_batch_size=1, **BASE, **MODES[mode], **save)
-    proc, seconds = _mpirun_sft(config, [f"zero_level={zero}"])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"({seconds:.1f} s)\n{output}"
+def test_two_ranks_equal_one_process_with_twice_the_micro_batch(tmp_path_factory, one_process, mode, zero):
+    out, output = _two_ranks(tmp_path_factory, mode, zero)
+    save = mode == "full"
     assert f"data parallel: 2 processes on 1 node(s), gloo, zero_level {zero}" in output
     assert output.count("step      6/6") == 1, output  # rank 0 alone prints
-    got, want = _steps(tmp_path / "out"), _steps(one_process[mode])
+    got, want = _steps(out), _steps(one_process[mode])
     assert [r["step"] for r in got] == list(range(1, 7))
     assert [r["trained_tokens"] for r in got] == [r["trained_tokens"] for r in want]  # global token counts
     assert _rel([r["loss"] for r in got], [r["loss"] for r in want]) < TOL
     assert _rel([r["grad_norm"] for r in got], [r["grad_norm"] for r in want]) < TOL
-    a, b = _weights(tmp_path / "out", mode), _weights(one_process[mode], mode)
+    a, b = _weights(out, mode), _weights(one_process[mode], mode)
     assert sorted(a) == sorted(b)
     for k in b:
         assert _rel(a[k], b[k]) < TOL, k
     if save:  # the checkpoint holds the full (gathered) optimizer state, as one process writes it
         name = "checkpoints/step_00000003/optimizer.safetensors"
-        ca, cb = load_file(tmp_path / "out" / name), load_file(one_process[mode] / name)
+        ca, cb = load_file(out / name), load_file(one_process[mode] / name)
         assert sorted(ca) == sorted(cb)
         for k in cb:
             assert _rel(ca[k].double().numpy(), cb[k].double().numpy()) < TOL, k
@@ -107,9 +124,20 @@ def test_two_ranks_equal_one_process_with_twice_the_micro_batch(tmp_path, one_pr
     assert got[-1]["loss"] < got[0]["loss"] - 0.1
 
 
-def test_a_failing_rank_ends_the_job_naming_it(tmp_path):
+def test_offload_grads_at_zero_2_equals_the_run_without(tmp_path_factory):
+    out, output = _two_ranks(tmp_path_factory, "full", 2, offload_grads=True)
+    assert "gradient shards in host memory (offload_grads)" in output, output
+    plain, _ = _two_ranks(tmp_path_factory, "full", 2)
+    assert [(r["loss"], r["grad_norm"]) for r in _steps(out)] == [(r["loss"], r["grad_norm"]) for r in _steps(plain)]
+    a, b = _weights(out, "full"), _weights(plain, "full")
+    for k in b:
+        assert np.array_equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_a_failing_rank_ends_the_job_naming_it(tmp_path, zero):
     config = _runs.write_config(tmp_path, per_device_train_batch_size=1, **BASE)
-    proc, seconds = _mpirun_sft(config, [], env={"SUROGATE_TEST_FAIL_RANK": "1"}, timeout=90)
+    proc, seconds = _mpirun_sft(config, [f"zero_level={zero}"], env={"SUROGATE_TEST_FAIL_RANK": "1"}, timeout=90)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert seconds < 60, f"the job took {seconds:.0f} s to end"
@@ -117,14 +145,14 @@ def test_a_failing_rank_ends_the_job_naming_it(tmp_path):
     assert "step      6/6" not in output
 
 
-def test_unsupported_zero_level_is_a_clear_error(tmp_path):
+def test_a_user_error_on_every_rank_exits_2(tmp_path):
     config = _runs.write_config(tmp_path, per_device_train_batch_size=1, **BASE)
-    proc, _ = _mpirun_sft(config, ["zero_level=3"], timeout=90)
+    proc, _ = _mpirun_sft(config, ["offload_grads=true", "zero_level=3"], timeout=90)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     if _mpirun.mpi_flavor(_mpirun.find_mpiexec()) == "mpich":  # hydra returns the Abort code: a user error's 2
         assert proc.returncode == 2, output
-    assert "zero_level 3 not supported yet" in output, output
+    assert "offload_grads: true with zero_level 3" in output and "zero_level: 2 under mpirun" in output, output
 
 
 def test_two_ranks_resume_from_their_checkpoint_and_refuse_another_world_size(tmp_path, one_process):

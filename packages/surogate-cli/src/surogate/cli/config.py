@@ -149,11 +149,12 @@ class Config:
     use_cuda_graphs: bool | None = _opt(None, "capture the training step as CUDA graphs (default: on with a CUDA GPU;"
                                         " no effect on a CPU)")
     zero_level: int = _opt(1, "data parallel under mpirun: 0 plain (replicated), 1 optimizer state sharded, "
-                              "2 + gradients, 3 + weights (2 and 3 not supported yet)", choices=(0, 1, 2, 3))
+                              "2 + gradients, 3 + weights", choices=(0, 1, 2, 3))
     offload_residual: bool = _opt(False, "keep residual activations in host memory")
     offload_master: bool = _opt(False, "keep fp32 master weights in host memory")
     offload_optimizer: bool = _opt(False, "keep optimizer states in host memory")
-    offload_grads: bool = _opt(False, "keep gradients in host memory")
+    offload_grads: bool = _opt(False, "zero_level 2 under mpirun: keep the fp32 gradient shards in pinned host "
+                               "memory")
 
     # --- eval, checkpoints, logging
     eval_steps: int = _opt(100, "eval loss every N steps (and at the end); 0 = only at the end", check=_NON_NEGATIVE)
@@ -488,9 +489,13 @@ def check_supported(cfg: Config, *, device: str, world_size: int = 1, model_opti
             missing.append((key, "true", f"{key}: false (plain LoRA)"))
     if cfg.offload_residual and "offload_residual" not in model_options:
         missing.append(("offload_residual", "true", "offload_residual: false"))
-    for key in ("offload_master", "offload_optimizer", "offload_grads"):
+    for key in ("offload_master", "offload_optimizer"):
         if getattr(cfg, key):
             missing.append((key, "true", f"{key}: false"))
+    if cfg.offload_grads and cfg.zero_level != 2:  # the ZeRO-2 gradient shards are what goes to host memory
+        missing.append(("offload_grads", f"true with zero_level {cfg.zero_level}",
+                        "zero_level: 2 under mpirun -n N (the fp32 gradient shards then live in host memory), "
+                        "or offload_grads: false"))
     if cfg.optimizer == "adamw_8bit":
         missing.append(("optimizer", "adamw_8bit", "optimizer: adamw"))
     if cfg.recompute_lora:

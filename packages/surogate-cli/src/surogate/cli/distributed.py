@@ -4,7 +4,8 @@ One process per GPU (gloo on CPUs). A plain `surogate sft` is world size 1: `Pro
 surogate.dist nor MPI then, and every method below is the identity or a no-op, so the single-process trainer runs
 exactly as before.
 
-What changes with N ranks (zero_level 0 = plain data parallel, 1 = optimizer state sharded; 2 and 3 are refused):
+What changes with N ranks (zero_level 0 = plain data parallel, 1 = optimizer state sharded, 2 = + gradients
+sharded, 3 = + weights sharded):
 - Data: the step's window of rows is the same as one process with N times the micro-batch, [accumulation,
   N * micro_batch]; rank r takes columns r, r + N, ... of it (`shard_rows`), so each micro-batch of the N ranks
   together is exactly the 1-process micro-batch.
@@ -17,6 +18,17 @@ What changes with N ranks (zero_level 0 = plain data parallel, 1 = optimizer sta
   reduce-scattered into an fp32 shard (zero 1: surogate.dist.DataParallel). At zero 1 each rank keeps the fp32
   master and AdamW moments of its shard only, runs surogate.kernels.adamw_step on it, and the updated shards are
   all-gathered into the weights; that optimizer step runs collectives, so it is never captured as a CUDA graph.
+- zero 2: the flat gradient buffer is scratch for one micro-step: as each micro-step ends (TrainStep._micro_scope,
+  after the replay of its captured graph, outside it) it is reduce-scattered and added into the group's fp32 shard,
+  then zeroed. The micro-step graph is unchanged (it only writes the scratch); the reductions are not overlapped
+  with backward. offload_grads (zero 2 only): that fp32 shard lives in host memory (surogate.dist.DataParallel).
+- zero 3: each weight-decay group's trainable weights are sharded by *part* (embeddings, layer 0 .. L-1, final
+  norm + lm_head; with LoRA only the adapters are trainable: the frozen base weights stay replicated); the model's
+  weights_provider (surogate.dist.GatheredParameters) all-gathers a layer's weights before its forward, frees
+  them after, gathers them again for its backward (prefetching one layer ahead both ways) and reduce-scatters its
+  gradients as soon as they are complete. The gathers are collectives driven from Python per layer, so the step
+  runs eagerly (no CUDA graphs; logged). Evaluation runs on every rank (each forward gathers); at the end
+  `unshard` gathers the trained weights into rank 0's model, which saves them.
 - Start: every rank builds the same model (same seed) and rank 0's trainable weights are broadcast anyway.
 - Only rank 0 (`is_main`) writes: output_dir, logs, metrics, checkpoints (gathered: the same files as one
   process writes, resumable at the same world size), the final model. Rank 0 tokenises first; the other ranks
@@ -28,7 +40,7 @@ What changes with N ranks (zero_level 0 = plain data parallel, 1 = optimizer sta
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from surogate.kernels import adamw_step, clip_scale
@@ -37,7 +49,7 @@ from .errors import NotSupportedYet, UserError
 from .step import TrainStep
 
 FAIL_RANK_ENV = "SUROGATE_TEST_FAIL_RANK"
-SUPPORTED_ZERO = (0, 1)
+SUPPORTED_ZERO = (0, 1, 2, 3)
 
 # set by MPI launchers (OpenMPI, MPICH/Intel MPI hydra, PMIx, MVAPICH): the same list as surogate.dist.world
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
@@ -78,18 +90,21 @@ def _is_model_error(e: BaseException) -> bool:
 class Processes:
     """The run's processes: world size, this rank, and the data-parallel pieces the trainer calls."""
 
-    def __init__(self, device, world=None, zero_level: int = 0):
+    def __init__(self, device, world=None, zero_level: int = 0, offload_grads: bool = False):
         self.world = world  # surogate.dist.World, or None in a single process
         self.device = device if world is None else world.device
         self.rank = 0 if world is None else world.rank
         self.world_size = 1 if world is None else world.world_size
         self.is_main = self.rank == 0
         self.zero_level = zero_level if self.world_size > 1 else 0
+        self.offload_grads = offload_grads and self.zero_level == 2
+        self.gathered = None  # zero 3: the model's weights provider (surogate.dist.GatheredParameters)
 
     @classmethod
-    def start(cls, device, zero_level: int) -> Processes:
+    def start(cls, device, zero_level: int, offload_grads: bool = False) -> Processes:
         """World size 1 without mpirun (no MPI import); else surogate.dist.init on `device`'s type."""
         if not launched_by_mpi():
+            _check_offload_grads(offload_grads, 1)
             return cls(device)
         import surogate.dist as sd
 
@@ -98,7 +113,13 @@ class Processes:
             raise NotSupportedYet(f"zero_level {zero_level} not supported yet (data parallel over "
                                   f"{world.world_size} processes)", key="zero_level",
                                   fix="zero_level: 1 (optimizer state sharded) or 0 (plain data parallel)")
-        return cls(device, world, zero_level)
+        _check_offload_grads(offload_grads, world.world_size)
+        return cls(device, world, zero_level, offload_grads)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank runs evaluation: rank 0 alone, or every rank at zero 3 (each forward gathers)."""
+        return self.is_main or self.gathered is not None
 
     # -------------------------------------------------------------------------------------- setup and writing
     def main_first(self):
@@ -113,8 +134,13 @@ class Processes:
         if self.world_size == 1:
             return ""
         w = self.world
-        return (f"data parallel: {w.world_size} processes on {w.node_count} node(s), {w.backend}, "
+        text = (f"data parallel: {w.world_size} processes on {w.node_count} node(s), {w.backend}, "
                 f"zero_level {self.zero_level}")
+        if self.offload_grads:
+            text += ", gradient shards in host memory (offload_grads)"
+        if self.zero_level == 3 and w.device.type == "cuda":
+            text += "; CUDA graphs off (ZeRO-3 gathers each layer's weights with collectives driven from Python)"
+        return text
 
     # -------------------------------------------------------------------------------------- data
     def shard_rows(self, rows):
@@ -125,9 +151,10 @@ class Processes:
         return rows[:, self.rank :: self.world_size]
 
     # -------------------------------------------------------------------------------------- model and step
-    def shard_groups(self, groups: list) -> list:
+    def shard_groups(self, groups: list, model=None) -> list:
         """TrainStep's weight-decay groups as this world needs them: unchanged in one process; at zero 0 rank 0's
-        weights broadcast; at zero 1 rebound to padded buffers with sharded master + AdamW state (ShardedGroup)."""
+        weights broadcast; at zero 1/2 rebound to padded buffers with sharded master + AdamW state (ShardedGroup);
+        at zero 3 the weights sharded by part too, and `model.weights_provider` set (needs `model`)."""
         if self.world_size == 1:
             return groups
         import torch.distributed as tdist
@@ -138,14 +165,35 @@ class Processes:
                 if g.master is not g.work:
                     g.master.copy_(g.work)
             return groups
-        return [ShardedGroup(self.world, g, self.zero_level) for g in groups]
+        if self.zero_level < 3:
+            return [ShardedGroup(self.world, g, self.zero_level, offload_grads=self.offload_grads) for g in groups]
+        import surogate.dist as sd
+
+        part_of, order = model_parts(model)
+        sharded = [ShardedGroup(self.world, g, 3, part_of=part_of, n_parts=len(set(order))) for g in groups]
+        self.gathered = sd.GatheredParameters([(g.dp, g.parts) for g in sharded], order)
+        model.weights_provider = self.gathered
+        return sharded
 
     def train_step(self, model, groups: list, **kwargs) -> TrainStep:
         if self.world_size == 1:
             return TrainStep(model, groups, **kwargs)
         if self.zero_level == 0:
             return _DataParallelStep(self.world, model, groups, **kwargs)
-        return _ZeroStep(self.world, model, groups, **kwargs)
+        if self.zero_level == 1:
+            return _ZeroStep(self.world, model, groups, **kwargs)
+        if self.zero_level == 2:
+            return _Zero2Step(self.world, model, groups, **kwargs)
+        return _Zero3Step(self.world, model, groups, gathered=self.gathered, **kwargs)
+
+    def unshard(self, model) -> None:
+        """zero 3, at the end (collective): the trained weights into rank 0's model (the provider is removed, so
+        rank 0 saves and generates as one process does); a no-op otherwise."""
+        if self.gathered is None:
+            return
+        self.gathered.unshard(keep=self.is_main)
+        model.weights_provider = None
+        self.gathered = None
 
     def shutdown(self) -> None:
         if self.world_size > 1:
@@ -165,24 +213,74 @@ def _main_first(world):
             world.barrier()
 
 
+def model_parts(model) -> tuple[dict[int, int], list[int]]:
+    """ZeRO-3 parts of a surogate.models CausalLM: id(parameter) -> part (0 = embeddings, 1 + i = layer i,
+    L + 1 = final norm + lm_head), and the order its forward asks for them (the tied head reuses part 0)."""
+    n = model.config.num_layers
+    part_of = {}
+    for name, p in model.named_parameters():
+        if name.startswith("model.embed_tokens."):
+            part_of[id(p)] = 0
+        elif name.startswith("model.layers."):
+            part_of[id(p)] = 1 + int(name.split(".")[2])
+        elif name.startswith(("model.norm.", "lm_head.")):
+            part_of[id(p)] = n + 1
+        else:
+            raise ValueError(f"zero_level 3: parameter {name!r} belongs to no part (embeddings, layers, head)")
+    order = list(range(n + 2)) + ([0] if model.config.tie_word_embeddings else [])
+    return part_of, order
+
+
+def _check_offload_grads(offload_grads: bool, world_size: int) -> None:
+    if offload_grads and world_size < 2:
+        raise NotSupportedYet("offload_grads keeps the ZeRO-2 gradient shards of data-parallel ranks in host memory; "
+                              "this run is a single process", key="offload_grads",
+                              fix="launch with mpirun -n N (N >= 2) and zero_level: 2, or set offload_grads: false")
+
+
 class ShardedGroup:
-    """A TrainStep weight-decay group at ZeRO-1: the trainable parameters are views into a padded flat work buffer
-    (surogate.dist.FlatLayout, one layout group per parameter) and their .grad views into a padded flat grad
+    """A TrainStep weight-decay group at ZeRO-1/2: the trainable parameters are views into a padded flat work
+    buffer (surogate.dist.FlatLayout, one layout group per parameter) and their .grad views into a padded flat grad
     buffer; `dp` (surogate.dist.DataParallel) holds this rank's fp32 master shard and AdamW moments. `master`,
     `exp_avg`, `exp_avg_sq` are those shards. state_dict / load_state_dict use the full unpadded tensors in
-    parameter order (the single-process checkpoint format) and are collective."""
+    parameter order (the single-process checkpoint format) and are collective.
 
-    def __init__(self, world, group, zero: int):
+    ZeRO-3 (`part_of`: id(parameter) -> part, see model_parts): one layout group per part, one bucket each; no full
+    weights or gradients stay: `work` is this rank's weight shard in the model dtype, `grad` None, `parts[g]` the
+    parameters of part g (for surogate.dist.GatheredParameters, which replaces them with placeholders). The
+    unpadded canonical order is still parameter order (parts follow the model's parameter order)."""
+
+    def __init__(self, world, group, zero: int, *, offload_grads: bool = False, part_of: dict | None = None,
+                 n_parts: int = 0):
         import surogate.dist as sd
 
+        for key, value, default in (("optimizer", getattr(group, "optimizer", "adamw"), "adamw"),
+                                    ("offload_master", getattr(group, "offload_master", False), False),
+                                    ("offload_optimizer", getattr(group, "offload_optimizer", False), False)):
+            if value != default:  # the sharded step below is fp32 AdamW on device-resident shards
+                raise NotSupportedYet(f"{key}: {value} with zero_level {zero} under mpirun", key=key,
+                                      fix=f"{key}: {default}, or zero_level: 0 (plain data parallel)")
         self.params, self.weight_decay = group.params, group.weight_decay
-        layout = sd.FlatLayout([p.numel() for p in self.params], world.world_size)
-        self.work = torch.zeros(layout.numel, dtype=group.work.dtype, device=group.work.device)
-        self.grad = torch.zeros_like(self.work)
-        sd.bind_parameters(layout, [[p] for p in self.params], self.work, self.grad)
-        self.dp = sd.DataParallel(world, layout, self.work, self.grad, zero=zero, average=False,
+        if zero == 3:
+            self.parts = [[] for _ in range(n_parts)]
+            for p in self.params:
+                self.parts[part_of[id(p)]].append(p)
+            if [id(p) for part in self.parts for p in part] != [id(p) for p in self.params]:
+                raise ValueError("zero_level 3: the parts do not follow the parameter order")
+            layout = sd.FlatLayout([sum(p.numel() for p in part) for part in self.parts], world.world_size,
+                                   bucket_numel=0)
+            groups = self.parts
+        else:
+            layout = sd.FlatLayout([p.numel() for p in self.params], world.world_size)
+            groups = [[p] for p in self.params]
+        work = torch.zeros(layout.numel, dtype=group.work.dtype, device=group.work.device)
+        grad = torch.zeros_like(work) if zero < 3 else None
+        sd.bind_parameters(layout, groups, work, grad)
+        self.dp = sd.DataParallel(world, layout, work, grad, zero=zero, average=False, offload_grads=offload_grads,
                                   make_state=lambda m: {"exp_avg": torch.zeros_like(m),
                                                         "exp_avg_sq": torch.zeros_like(m)})
+        self.work = work if zero < 3 else (self.dp.work if self.dp.work is not None else self.dp.master)
+        self.grad = grad
         self.master = self.dp.master
         self.exp_avg, self.exp_avg_sq = self.dp.state["exp_avg"], self.dp.state["exp_avg_sq"]
 
@@ -251,6 +349,36 @@ class _ZeroStep(_DataParallelStep):
             g.dp.step(adamw)
             g.dp.zero_grad()
         self.grad_norm.copy_(norm)
+
+
+class _Zero2Step(_ZeroStep):
+    """zero 2: each micro-step's gradients are reduce-scattered into the fp32 shards as the micro-step ends (after
+    its graph replay, outside the graph); the full buffer is zeroed for the next one. The rest is zero 1's."""
+
+    @contextmanager
+    def _micro_scope(self):
+        with ExitStack() as stack:
+            for g in self.groups:
+                stack.enter_context(g.dp.micro_step(last=True))
+            yield
+
+    def _reduce_grads(self) -> None:
+        pass  # done per micro-step
+
+
+class _Zero3Step(_Zero2Step):
+    """zero 3: weights gathered per layer by the model's provider inside each micro-step (collectives from Python:
+    no CUDA graphs), gradients reduce-scattered per layer as backward completes them."""
+
+    def __init__(self, world, model, groups, *, gathered, **kwargs):
+        super().__init__(world, model, groups, **kwargs)
+        self.gathered = gathered
+        self.cuda_graphs = False
+
+    @contextmanager
+    def _micro_scope(self):
+        with super()._micro_scope(), self.gathered.scope():
+            yield
 
 
 class QuietLog:

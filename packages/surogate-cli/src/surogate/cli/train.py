@@ -267,7 +267,8 @@ def train(cfg: Config, command: str) -> int:
 
     check_supported(cfg, device=_device().type, world_size=unsupported_launch_processes(),
                     model_options=_model_options())
-    procs = Processes.start(_device(), cfg.zero_level)  # world size 1 (no MPI) unless launched by mpirun
+    # world size 1 (no MPI) unless launched by mpirun
+    procs = Processes.start(_device(), cfg.zero_level, offload_grads=cfg.offload_grads)
     device = procs.device
     out = _prepare_output_dir(cfg) if procs.is_main else Path(cfg.output_dir)
     resume_path = checkpoint.resolve(cfg)
@@ -314,7 +315,8 @@ def train(cfg: Config, command: str) -> int:
     compat = checkpoint.compat_values(cfg, str(dtype), data_hash)
     if procs.world_size > 1:  # the data stream depends on it
         compat["world_size"] = procs.world_size
-    groups = procs.shard_groups(groups)  # data parallel: rank 0's weights everywhere; ZeRO-1 shards the optimizer
+    # data parallel: rank 0's weights everywhere; ZeRO shards the optimizer (1), grads (2), weights (3: per layer)
+    groups = procs.shard_groups(groups, model)
     start = _resume(cfg, log, groups, layout, compat, resume_path)
     if resume_path is not None:  # fp8-hybrid's amax histories and scales, nvfp4's SR step: as the run left them
         model.load_recipe_state_dict(checkpoint.load_recipe(resume_path))
@@ -342,7 +344,7 @@ def train(cfg: Config, command: str) -> int:
 
     def evaluate(step: int) -> float | None:
         nonlocal last_eval_step
-        if data.eval is None or last_eval_step == step or not procs.is_main:
+        if data.eval is None or last_eval_step == step or not procs.evaluates:  # ZeRO-3: every rank (gathers)
             return None
         loss, tokens = eval_loss(model, data.eval, batch_size=cfg.per_device_eval_batch_size,
                                  max_batches=cfg.eval_num_steps, device=device)
@@ -413,6 +415,7 @@ def train(cfg: Config, command: str) -> int:
 
     # ------------------------------------------------------------------------------------------ the end
     final_eval = evaluate(step)
+    procs.unshard(model)  # ZeRO-3: the trained weights into rank 0's model (collective)
     procs.shutdown()
     if not procs.is_main:  # rank 0 alone writes the model and runs the final evaluation
         log.close()

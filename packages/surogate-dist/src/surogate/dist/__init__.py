@@ -6,11 +6,14 @@
     with dp.micro_step(last=True):
         loss.backward()                              # grads reduced (bucketed, overlapped via grad_ready)
     dp.step(step_fn)                                 # step_fn(master, grads, state) on this rank's shard
+
+ZeRO-3 for a model that takes a weights provider (CausalLM.weights_provider): GatheredParameters([(dp, parts)]).
 """
 
 from .__about__ import __version__
 from .data_parallel import DataParallel, all_reduce_grads, bind_parameters
 from .failure import abort_on_error
+from .gathered import GatheredParameters
 from .layout import DEFAULT_BUCKET_NUMEL, Bucket, FlatLayout
 from .sharded import ShardedParameters
 from .world import DEFAULT_TIMEOUT, DistError, World, init, launched_by_mpi, shutdown
@@ -22,6 +25,7 @@ __all__ = [
     "DataParallel",
     "DistError",
     "FlatLayout",
+    "GatheredParameters",
     "ShardedParameters",
     "World",
     "__version__",

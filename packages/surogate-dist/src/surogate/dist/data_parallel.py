@@ -11,16 +11,21 @@ model reads another dtype, e.g. bf16), writes the new weights into `work` (round
 
 What each rank holds (N = parameters, W = ranks):
 
-    zero  params (model reads)  grads                        master fp32 + optimizer state   reduction
-    0     full                  full, all-reduced            full (params itself if fp32)    all-reduce, last micro-step
-    1     full                  full + shard N/W             shard                           reduce-scatter, last micro-step
-    2     full                  full scratch + shard N/W     shard                           reduce-scatter, every micro-step
-    3     gathered per layer    per-bucket scratch + shard   shard                           reduce-scatter, every micro-step
+    zero  params (model reads)  grads                       fp32 master + optim. state  reduction
+    0     full                  full, all-reduced           full (params if fp32)       all-reduce, last micro-step
+    1     full                  full + shard N/W            shard                       reduce-scatter, last micro-step
+    2     full                  full scratch + shard N/W    shard                       reduce-scatter, each micro-step
+    3     gathered per layer    per-bucket scratch + shard  shard                       reduce-scatter, each micro-step
 
 ZeRO-1/2 all-gather the updated master shards into `params` after the step (cast to params' dtype, e.g. bf16);
 ZeRO-3 keeps only the shard and gathers a layer at a time (`gather`/`prefetch`/`release`, ShardedParameters).
 At ZeRO-2 the reduce-scattered micro-step gradients accumulate into the fp32 shard and the full buffer is zeroed
 for the next micro-step: the full-size buffer is scratch the model writes into, not an accumulator.
+`offload_grads=True` (ZeRO-2 only) keeps that fp32 shard in host memory (pinned when CUDA is available): after
+each reduce-scatter the rank's chunk is copied to a pinned staging buffer and added there on the CPU; the
+optimizer step copies the shard to the device once (`grad_norm` and `step` share that copy, `zero_grad` drops
+it), so the device holds it only while the step runs, not during forward and backward. On a CPU world the shard
+is a separate host tensor: the same code path.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class DataParallel:
             `lambda p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}`.
         average: mean (True) or sum (False) of the gradients over ranks.
         sync_params: broadcast rank 0's params first, so every rank starts from the same weights.
+        offload_grads: keep the fp32 gradient shard in host memory (zero=2 only; see the module docstring).
     """
 
     def __init__(
@@ -114,9 +120,12 @@ class DataParallel:
         make_state: Callable[[torch.Tensor], dict[str, torch.Tensor]],
         average: bool = True,
         sync_params: bool = True,
+        offload_grads: bool = False,
     ):
         if zero not in (0, 1, 2, 3):
             raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero!r}")
+        if offload_grads and zero != 2:
+            raise ValueError(f"offload_grads keeps ZeRO-2's gradient shard in host memory: zero must be 2, not {zero}")
         if layout.world_size != world.world_size:
             raise ValueError(f"layout is for {layout.world_size} ranks, the world has {world.world_size}")
         _check_flat("params", params, layout.numel, world.device)
@@ -137,6 +146,9 @@ class DataParallel:
         self.params: torch.Tensor | None = params if zero < 3 else None
         self.grads: torch.Tensor | None = grads
         self.grad_shard: torch.Tensor | None = None
+        self.offload_grads = offload_grads
+        self._staging: torch.Tensor | None = None  # offload_grads: pinned host copy of a reduced chunk
+        self._device_grads: torch.Tensor | None = None  # offload_grads: the shard on the device for one step
         self.sharded: ShardedParameters | None = None
         # `work`: where step_fn writes the new weights in the model's dtype (None when the model reads the fp32
         # master itself): params (ZeRO-0), a shard that is then all-gathered (ZeRO-1/2), the ZeRO-3 shard.
@@ -147,7 +159,13 @@ class DataParallel:
                 self.work = params
         else:
             self.master = layout.shard_of(params, world.rank).float()
-            self.grad_shard = torch.zeros_like(self.master)
+            if offload_grads:
+                pin = torch.cuda.is_available()
+                self.grad_shard = torch.zeros(layout.shard_numel, dtype=torch.float32, pin_memory=pin)
+                chunk = max((b.chunk for b in layout.buckets), default=0)
+                self._staging = torch.empty(chunk, dtype=grads.dtype, pin_memory=pin)
+            else:
+                self.grad_shard = torch.zeros_like(self.master)
             if params.dtype != torch.float32:
                 self.work = self.master.to(params.dtype)
         if zero == 3:
@@ -286,7 +304,8 @@ class DataParallel:
         scale = self._post_scale
         if self.zero == 0:
             span = self.grads[bucket.span]
-            self._pending.append(all_reduce(self.world, span, self._op, (lambda: span.mul_(scale)) if scale != 1 else None))
+            then = (lambda: span.mul_(scale)) if scale != 1 else None
+            self._pending.append(all_reduce(self.world, span, self._op, then))
             return
         if self.zero == 3:
             full = self._grad_scratch.pop(b, None)
@@ -297,8 +316,13 @@ class DataParallel:
         own = full.view(self.world.world_size, -1)[self.world.rank]
         dst = self.grad_shard[bucket.shard_span]
         zero = self.zero
+        device_own = own
+        if self._staging is not None:  # offload_grads: the reduced chunk goes to host memory, added there
+            device_own, own = own, self._staging[: own.numel()]
 
         def then() -> None:
+            if own is not device_own:
+                own.copy_(device_own)
             if zero == 1:
                 dst.copy_(own)
                 if scale != 1:
@@ -316,7 +340,7 @@ class DataParallel:
         """Global L2 norm of the reduced gradients (0-d fp32 on the device, no host sync)."""
         if self.zero == 0:
             return torch.linalg.vector_norm(self.grads, dtype=torch.float32)
-        sq = self.grad_shard.square().sum()
+        sq = self._reduced_shard().square().sum()
         if self.world.world_size > 1:
             tdist.all_reduce(sq)
         return sq.sqrt()
@@ -331,7 +355,7 @@ class DataParallel:
         or plain torch: update m and s in place, then `if w is not None: w.copy_(m)`."""
         if self._in_micro:
             raise RuntimeError("step() is called after the micro_step blocks, not inside one")
-        step_fn(self.master, self.grads if self.zero == 0 else self.grad_shard, self.state, self.work)
+        step_fn(self.master, self.grads if self.zero == 0 else self._reduced_shard(), self.state, self.work)
         self._publish()
 
     def zero_grad(self) -> None:
@@ -340,6 +364,16 @@ class DataParallel:
             self.grads.zero_()
         else:
             self.grad_shard.zero_()
+        self._device_grads = None
+
+    def _reduced_shard(self) -> torch.Tensor:
+        """The reduced fp32 gradient shard on the device (offload_grads: one copy from host memory per step)."""
+        if not self.offload_grads:
+            return self.grad_shard
+        if self._device_grads is None:
+            # blocking: zero_grad zeroes the host shard right after the step
+            self._device_grads = self.grad_shard.to(self.world.device)
+        return self._device_grads
 
     def _publish(self) -> None:
         """New weights (in `work`, or the master) -> what the model reads: all-gather into params (ZeRO-1/2),

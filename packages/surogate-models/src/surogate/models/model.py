@@ -174,6 +174,9 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float().to(weight.device), persistent=False)
         for i, layer in enumerate(self.model.layers):
             layer.bind_recipe(self.recipe, i)
+        # optional callable(tensors) -> tensors: what the Functions compute with instead of the parameters (ZeRO-3:
+        # surogate.dist.GatheredParameters gathers the sharded ones per layer); None: the parameters themselves
+        self.weights_provider = None
         self.lora_config: LoraConfig | None = None
         if lora is not None:
             self._add_adapters(lora)
@@ -199,6 +202,10 @@ class CausalLM(nn.Module):
 
     def _head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def _weights(self, *tensors) -> tuple:
+        """The tensors as the Functions get them: unchanged, or weights_provider's (e.g. gathered) weights."""
+        return tensors if self.weights_provider is None else self.weights_provider(tensors)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -275,17 +282,18 @@ class CausalLM(nn.Module):
             lora_scale=lora.scale if lora else 1.0, dropout=lora.dropout if (lora and self.training) else 0.0,
             offload=self._offload.begin(device) if self._offload is not None and torch.is_grad_enabled() else None,
         )
-        x = Embedding.apply(ids.reshape(-1).to(device=device, dtype=torch.int64), self.model.embed_tokens.weight)
+        (embed,) = self._weights(self.model.embed_tokens.weight)
+        x = Embedding.apply(ids.reshape(-1).to(device=device, dtype=torch.int64), embed)
         residual, delta = x, None
+        n_att = len(attention.SLOTS)
         for layer in self.model.layers:
+            tensors = self._weights(*layer.attention_tensors(), *layer.mlp_tensors())
             if self.recompute.block:
-                residual, delta = RecomputedBlock.apply(residual, delta, bc, layer.gemms, *layer.attention_tensors(),
-                                                        *layer.mlp_tensors())
+                residual, delta = RecomputedBlock.apply(residual, delta, bc, layer.gemms, *tensors)
             else:
-                residual, delta = attention.AttentionHalf.apply(residual, delta, bc, layer.gemms,
-                                                                *layer.attention_tensors())
-                residual, delta = mlp.MlpHalf.apply(residual, delta, bc, layer.gemms, *layer.mlp_tensors())
-        hidden = FinalNorm.apply(residual, delta, self.model.norm.weight, self.config.rms_norm_eps)
+                residual, delta = attention.AttentionHalf.apply(residual, delta, bc, layer.gemms, *tensors[:n_att])
+                residual, delta = mlp.MlpHalf.apply(residual, delta, bc, layer.gemms, *tensors[n_att:])
+        hidden = FinalNorm.apply(residual, delta, *self._weights(self.model.norm.weight), self.config.rms_norm_eps)
         return hidden, (batch, seq), input_ids.dim() == 1
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
@@ -298,7 +306,7 @@ class CausalLM(nn.Module):
         tokens, given by callers that capture CUDA graphs (a start at every row start; may be padded at the end
         with repeats of the token count): no host sync then."""
         hidden, (batch, seq), flat = self._hidden(input_ids, position_ids, cu_seqlens)
-        logits = F.linear(hidden, self._head_weight())
+        logits = F.linear(hidden, *self._weights(self._head_weight()))
         return logits.view(seq, -1) if flat else logits.view(batch, seq, -1)
 
     def _targets(self, labels: torch.Tensor, rows: int) -> torch.Tensor:
@@ -318,7 +326,7 @@ class CausalLM(nn.Module):
 
     def _loss(self, input_ids, labels, position_ids, cu_seqlens, mean: bool, grad_scale):
         hidden, _, _ = self._hidden(input_ids, position_ids, cu_seqlens)
-        weight = self._head_weight()
+        (weight,) = self._weights(self._head_weight())
         targets = self._targets(labels, hidden.shape[0])
         if not (hidden.requires_grad or weight.requires_grad):  # no_grad / eval: no gradient work at all
             return loss_without_grad(hidden, weight, targets, mean)
