@@ -172,3 +172,13 @@ def test_safetensors_files_match_the_library(tmp_path, generator):
     truncated.write_bytes(lib.read_bytes()[:-3])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         _safetensors.load_file(truncated)
+
+
+def test_timeout_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SUROGATE_DIST_TIMEOUT", "1800")
+    assert sd.world._env_timeout().total_seconds() == 1800
+    monkeypatch.delenv("SUROGATE_DIST_TIMEOUT")
+    assert sd.world._env_timeout() == sd.DEFAULT_TIMEOUT
+    monkeypatch.setenv("SUROGATE_DIST_TIMEOUT", "ten minutes")
+    with pytest.raises(sd.DistError, match="in seconds"):
+        sd.world._env_timeout()

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as tdist
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+TIMEOUT_ENV = "SUROGATE_DIST_TIMEOUT"  # seconds: overrides DEFAULT_TIMEOUT when init() is given no timeout
 
 # Set by mpirun/mpiexec (OpenMPI, MPICH/Intel MPI hydra, PMIx launchers incl. srun --mpi=pmix, MVAPICH).
 _MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
@@ -128,17 +129,20 @@ class World:
 _WORLD: World | None = None
 
 
-def init(device: str | torch.device | None = None, *, timeout: timedelta = DEFAULT_TIMEOUT) -> World:
+def init(device: str | torch.device | None = None, *, timeout: timedelta | None = None) -> World:
     """Start (or return the already started) world.
 
     Args:
         device: "cuda" (one GPU per local rank, NCCL), "cpu" (gloo) or None (cuda when available).
         timeout: how long a collective may wait for the other ranks before the job is ended (NCCL tears the
-            process down, gloo raises; wrap the entry point in `abort_on_error` so the job ends).
+            process down, gloo raises; wrap the entry point in `abort_on_error` so the job ends). None: the
+            SUROGATE_DIST_TIMEOUT environment variable (seconds), else DEFAULT_TIMEOUT (10 minutes).
     """
     global _WORLD
     if _WORLD is not None:
         return _WORLD
+    if timeout is None:
+        timeout = _env_timeout()
     if not launched_by_mpi():
         _WORLD = World(0, 1, 0, 1, 1, _pick_device(device, 0, 1), None, True)
         return _WORLD
@@ -186,6 +190,19 @@ def init(device: str | torch.device | None = None, *, timeout: timedelta = DEFAU
     )
     _WORLD = World(rank, size, local_rank, local_size, node_count, dev, backend, rank == 0)
     return _WORLD
+
+
+def _env_timeout() -> timedelta:
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DistError(f"{TIMEOUT_ENV}={value!r}: give the collective timeout in seconds, e.g. {TIMEOUT_ENV}=1800")
+    return timedelta(seconds=seconds)
 
 
 def shutdown() -> None:
