@@ -103,7 +103,8 @@ class Config:
                           check=(lambda v: v == -1 or v > 0, "must be -1 or > 0"))
 
     # --- optimizer and schedule
-    optimizer: str = _opt("adamw", "adamw (fp32 states) or adamw_8bit", choices=("adamw", "adamw_8bit"))
+    optimizer: str = _opt("adamw", "adamw (fp32 states, 8 bytes a parameter) or adamw_8bit (blockwise 8-bit states, "
+                          "2 bytes a parameter)", choices=("adamw", "adamw_8bit"))
     learning_rate: float = _opt(2e-4, "peak learning rate", check=_POSITIVE)
     lr_scheduler_type: str = _opt("linear", "after warmup: linear or cosine decay to final_lr_fraction, wsd (constant,"
                                   " then cooldown), constant", choices=("linear", "cosine", "wsd", "constant"))
@@ -151,8 +152,11 @@ class Config:
     zero_level: int = _opt(1, "data parallel under mpirun: 0 plain (replicated), 1 optimizer state sharded, "
                               "2 + gradients, 3 + weights", choices=(0, 1, 2, 3))
     offload_residual: bool = _opt(False, "keep residual activations in host memory")
-    offload_master: bool = _opt(False, "keep fp32 master weights in host memory")
-    offload_optimizer: bool = _opt(False, "keep optimizer states in host memory")
+    offload_master: bool = _opt(False, "keep the fp32 master weights in pinned host memory (bf16 weights stay on the "
+                                "GPU); the optimizer reads and writes them there")
+    offload_optimizer: bool = _opt(False, "keep the AdamW states (fp32 or 8-bit) in pinned host memory")
+    use_zero_copy: bool = _opt(True, "offload_master / offload_optimizer: the optimizer kernel reads and writes the "
+                               "host memory directly (true), or double-buffered chunks stream through the GPU (false)")
     offload_grads: bool = _opt(False, "zero_level 2 under mpirun: keep the fp32 gradient shards in pinned host "
                                "memory")
 
@@ -489,15 +493,10 @@ def check_supported(cfg: Config, *, device: str, world_size: int = 1, model_opti
             missing.append((key, "true", f"{key}: false (plain LoRA)"))
     if cfg.offload_residual and "offload_residual" not in model_options:
         missing.append(("offload_residual", "true", "offload_residual: false"))
-    for key in ("offload_master", "offload_optimizer"):
-        if getattr(cfg, key):
-            missing.append((key, "true", f"{key}: false"))
     if cfg.offload_grads and cfg.zero_level != 2:  # the ZeRO-2 gradient shards are what goes to host memory
         missing.append(("offload_grads", f"true with zero_level {cfg.zero_level}",
                         "zero_level: 2 under mpirun -n N (the fp32 gradient shards then live in host memory), "
                         "or offload_grads: false"))
-    if cfg.optimizer == "adamw_8bit":
-        missing.append(("optimizer", "adamw_8bit", "optimizer: adamw"))
     if cfg.recompute_lora:
         missing.append(("recompute_lora", "true", "recompute_lora: false"))
     if world_size > 1:

@@ -30,7 +30,7 @@ import numpy as np
 from . import checkpoint
 from .config import QLORA_FORMATS, Config, check_supported, load_config, recompute_flags, to_dict, write_resolved
 from .data import PreparedData, Tokenizer, prepare
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, NotSupportedYet, UserError
 from .evaluate import eval_loss, exact_match
 from .report import RunLog, peak_flops, peak_memory_gb
 from .schedule import lr_at, warmup_steps
@@ -263,7 +263,7 @@ def train(cfg: Config, command: str) -> int:
     import torch
 
     from .distributed import Processes, QuietLog, unsupported_launch_processes
-    from .step import param_groups
+    from .step import memory_report, param_groups
 
     check_supported(cfg, device=_device().type, world_size=unsupported_launch_processes(),
                     model_options=_model_options())
@@ -303,14 +303,26 @@ def train(cfg: Config, command: str) -> int:
                         fix="use the tokenizer that belongs to this model")
     named = model.trainable_parameters()
     layout = _layout(named)
-    groups = param_groups(named, cfg.weight_decay)  # the parameters become views into flat buffers
+    if procs.world_size > 1 and procs.zero_level >= 1 and (cfg.optimizer != "adamw" or cfg.offload_optimizer
+                                                           or cfg.offload_master):
+        raise NotSupportedYet(f"optimizer {cfg.optimizer}, offload_optimizer {cfg.offload_optimizer}, offload_master "
+                              f"{cfg.offload_master} with zero_level {procs.zero_level} (sharded fp32 AdamW only)",
+                              key="zero_level", fix="zero_level: 0 (each rank keeps the whole optimizer), or "
+                              "optimizer: adamw with offload_optimizer: false and offload_master: false")
+    # the parameters become views into flat buffers; the optimizer states (fp32 or 8-bit) and the fp32 master live
+    # on the device or, offloaded, in pinned host memory
+    groups = param_groups(named, cfg.weight_decay, optimizer=cfg.optimizer, offload_master=cfg.offload_master,
+                          offload_optimizer=cfg.offload_optimizer,
+                          offload_method="zero_copy" if cfg.use_zero_copy else "stream")
     n_total = sum(p.numel() for p in model.parameters())
     n_trained = sum(g.work.numel() for g in groups)
     log.info(f"model: {model.config.architecture}, "
              f"{n_total / 1e6:.2f}M parameters, {n_trained / 1e6:.3f}M trained "
              f"({'LoRA r=' + str(cfg.lora_rank) if cfg.lora else 'full'}), {str(dtype).replace('torch.', '')}")
-    if cfg.recipe != "bf16" or cfg.qlora_fp8 or cfg.qlora_fp4 or cfg.qlora_bnb:
-        log.info(f"memory: {model.memory_report()}")  # says what the recipe does on this GPU (e.g. NVFP4 on SM < 100)
+    log.info(f"memory: {model.memory_report()}")  # says what the recipe does on this GPU (e.g. NVFP4 on SM < 100)
+    log.info(memory_report(groups)[1])  # trained weights, grads, master, optimizer state: device and pinned host
+    if cfg.offload_master and dtype == torch.float32:
+        log.info("offload_master: the trained weights are float32 and are their own master copy: nothing to offload")
     data_hash = data.train.header["hash"]
     compat = checkpoint.compat_values(cfg, str(dtype), data_hash)
     if procs.world_size > 1:  # the data stream depends on it
@@ -325,7 +337,7 @@ def train(cfg: Config, command: str) -> int:
         log.info("use_cuda_graphs: no CUDA device, the step runs eagerly")
     train_step = procs.train_step(model, groups, micro_batch=cfg.per_device_train_batch_size, seq_len=cfg.sequence_len,
                            betas=(cfg.adamw_beta1, cfg.adamw_beta2), eps=cfg.adamw_epsilon,
-                           max_grad_norm=cfg.max_grad_norm, cuda_graphs=graphs, seed=cfg.seed)
+                           max_grad_norm=cfg.max_grad_norm, cuda_graphs=graphs, seed=cfg.seed, log=log.info)
 
     batches = Batches(data.train, plan, cfg.seed)
     epochs = plan.max_steps * plan.rows_per_step / plan.n_rows
@@ -383,6 +395,9 @@ def train(cfg: Config, command: str) -> int:
                       "mfu": flops_per_step / dt / peak if peak else None, "mem_gb": peak_memory_gb(device)},
                      total=plan.max_steps, print_line=step % cfg.logging_steps == 0 or step == plan.max_steps)
             log.advance()
+            if step == start + 1:
+                where = "GPU memory allocated" if device.type == "cuda" else "host memory (RSS)"
+                log.info(f"peak {where} after the first step: {peak_memory_gb(device):.2f} GB")
             if not math.isfinite(loss):
                 raise UserError(f"the loss became {loss} at step {step}", key="learning_rate",
                                 fix="lower learning_rate, or set max_grad_norm (e.g. 1.0)")
