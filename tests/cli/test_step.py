@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-
 from surogate.cli.step import TrainStep, cu_seqlens_bucket, param_groups
 from surogate.models import LoraConfig, init_model
 
@@ -28,7 +27,7 @@ def test_train_step_matches_torch_adamw(lora, generator):
     model = init_model(CONFIG, dtype=torch.float32, lora=LoraConfig(rank=4, alpha=8) if lora else None, seed=1)
     if lora:  # B starts at zero; move it so that A gets gradients too
         with torch.no_grad():
-            for name, p in model.trainable_parameters():
+            for _name, p in model.trainable_parameters():
                 p.normal_(0, 0.05, generator=generator)
     ref = copy.deepcopy(model)
     step = TrainStep(model, param_groups(model.trainable_parameters(), 0.1), micro_batch=2, seq_len=16,
@@ -65,12 +64,12 @@ def _gpu_run(lora, graphs, dtype, steps=5):
     config = dict(CONFIG, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=64, vocab_size=1000)
     model = init_model(config, dtype=dtype, device="cuda", seed=2, lora=LoraConfig(rank=8, alpha=16) if lora else None)
-    if lora:  # move B off zero so that every adapter gets gradients from the first step (seeded: runs must match)
-        b_init = torch.Generator(device="cuda").manual_seed(7)
+    if lora:  # redraw A and B from a seeded generator (A's peft init uses torch's global RNG; B moves off zero so
+        # that every adapter gets gradients from the first step): both runs must start from the same adapters
+        init = torch.Generator(device="cuda").manual_seed(7)
         with torch.no_grad():
-            for name, p in model.trainable_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02, generator=b_init)
+            for _name, p in model.trainable_parameters():
+                p.normal_(0, 0.02, generator=init)
     step = TrainStep(model, param_groups(model.trainable_parameters(), 0.1), micro_batch=2, seq_len=64,
                      max_grad_norm=1.0, cuda_graphs=graphs)
     g = torch.Generator().manual_seed(5)
@@ -80,7 +79,8 @@ def _gpu_run(lora, graphs, dtype, steps=5):
         loss_sum, valid, norm = step(mbs, lr=1e-3, step=i)
         losses.append(loss_sum.item() / valid)
         norms.append(norm.item())
-    return torch.tensor(losses), torch.tensor(norms), [p.detach().double().clone() for _, p in model.trainable_parameters()]
+    params = [p.detach().double().clone() for _, p in model.trainable_parameters()]
+    return torch.tensor(losses), torch.tensor(norms), params
 
 
 @pytest.mark.gpu
