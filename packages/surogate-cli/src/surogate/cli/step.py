@@ -89,7 +89,7 @@ class ParamGroup:
             self.buffers = {"master": Buffer(self.work)}
         else:
             self.buffers = {"master": Buffer.allocate(total, torch.float32, device, offload=self.offload_master)}
-            self.buffers["master"].data.copy_(self.work)
+            _copy_in_chunks(self.buffers["master"].data, self.work)
         off = self.offload_optimizer
         if self.optimizer == "adamw":
             for name in ("exp_avg", "exp_avg_sq"):
@@ -154,7 +154,7 @@ class ParamGroup:
                 raise ValueError(f"optimizer state `{name}` has {state[name].numel()} values, expected {t.numel()}")
             t.copy_(state[name])
         if self.master is not self.work:
-            self.work.copy_(self.master)
+            _copy_in_chunks(self.work, self.master)
 
     # ------------------------------------------------------------------------------------------ the update
     def update(self, *, lr: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor | None, consts: dict,
@@ -197,6 +197,13 @@ class ParamGroup:
             run(a, b, views)
 
         self.streamer.run(chunk)
+
+
+def _copy_in_chunks(dst: torch.Tensor, src: torch.Tensor, chunk: int = CHUNK) -> None:
+    """dst.copy_(src) for flat buffers, a chunk at a time: a copy across devices that also changes the dtype makes a
+    temporary of the whole source (33 GB for 8B fp32 master weights) otherwise."""
+    for a in range(0, dst.numel(), chunk):
+        dst[a : a + chunk].copy_(src[a : a + chunk])
 
 
 def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float, **options
