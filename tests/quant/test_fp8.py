@@ -142,6 +142,16 @@ def test_delayed_scaling_window_margin_and_roll():
     assert ds.scale[0].item() == 448.0 / 2  # all-zero window: keep
 
 
+def test_reference_encode_both_and_out_buffers(generator):
+    x = torch.randn(37, 45, generator=generator) * 30
+    codes, codes_t = fp8.encode_both(x, 0.5, "e5m2")
+    assert torch.equal(codes, fp8.encode(x, 0.5, "e5m2")) and torch.equal(codes_t, codes.t())
+    out = torch.zeros(45, 37, dtype=torch.uint8)
+    assert fp8.encode_transpose(x, 0.5, "e5m2", out=out) is out and torch.equal(out, codes_t)
+    with pytest.raises(ValueError, match="shape"):
+        fp8.encode(x, 0.5, "e5m2", out=torch.empty(3, dtype=torch.uint8))
+
+
 def test_delayed_scaling_defaults_and_errors():
     assert fp8.DelayedScaling(2).amax_history.shape == (1024, 2)
     with pytest.raises(ValueError, match="e4m3"):
@@ -176,6 +186,30 @@ def check_kernels(fmt, dtype, generator, device, n=4000, shape=(37, 45)):
     assert got_t.shape == (shape[1], shape[0])
     assert torch.equal(got_t.cpu(), fp8.reference_encode(x2, scale, fmt).t())
     assert amax.item() == x2.float().abs().max().item()
+    # both layouts from one pass, written into given buffers (a cached weight re-encoded in place)
+    amax = torch.zeros(1, device=device)
+    out = torch.empty(shape, dtype=torch.uint8, device=device)
+    out_t = torch.empty(shape[::-1], dtype=torch.uint8, device=device)
+    codes, codes_t = fp8.encode_both_kernel(x2.to(device), scale.to(device), fmt, amax_out=amax, out=out, out_t=out_t)
+    assert codes is out and codes_t is out_t
+    assert torch.equal(out.cpu(), fp8.reference_encode(x2, scale, fmt)) and torch.equal(out_t.cpu(), got_t.cpu())
+    assert amax.item() == x2.float().abs().max().item()
+
+
+def check_vectorised_bf16(fmt, generator, device, n):
+    """BF16 inputs with a size divisible by 4 take the 4-at-a-time kernel (8-byte loads): the same codes and amax,
+    also from an offset view (8-byte aligned) and into a given buffer; a misaligned view takes the scalar kernel."""
+    x = special_inputs(fmt, n, generator)
+    x = torch.cat([x, torch.randn(-x.numel() % 4 + 8, generator=generator)]).bfloat16()
+    scale = torch.tensor([0.37])
+    for view in (x, x[4:], x[1:-3]):  # aligned, aligned at an offset, misaligned (scalar fallback)
+        expected = fp8.reference_encode(view, scale, fmt)
+        amax = torch.zeros(1, device=device)
+        out = torch.empty(view.shape, dtype=torch.uint8, device=device)
+        got = fp8.encode_kernel(view.to(device) if device != "cpu" else view, scale.to(device), fmt, amax, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(got.cpu(), expected), f"{(got.cpu() != expected).sum()} codes differ"
+        assert amax.item() == view.float()[~view.isnan()].abs().max().item()
 
 
 @pytest.mark.sim
@@ -185,11 +219,19 @@ def test_kernels_in_simulator(fmt, dtype, generator):
     check_kernels(fmt, dtype, generator, "cpu", n=150, shape=(40, 33))
 
 
+@pytest.mark.sim
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_vectorised_bf16_encode_in_simulator(fmt, generator):
+    check_vectorised_bf16(fmt, generator, "cpu", n=100)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_on_gpu(fmt, dtype, generator):
     check_kernels(fmt, dtype, generator, "cuda", n=1 << 22, shape=(4096, 4099))
+    if dtype == torch.bfloat16:
+        check_vectorised_bf16(fmt, generator, "cuda", n=1 << 22)
 
 
 @pytest.mark.gpu

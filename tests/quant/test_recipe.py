@@ -191,3 +191,84 @@ def test_nvfp4_recipe_on_gpu_matches_cpu(generator):
         outs.append(run(recipe, recipe.linear("up_proj", 0), x.to(device), w.to(device), dy.to(device)))
     for a, b, name in zip(*outs, ("y", "dx", "dW"), strict=True):
         assert_close(b.cpu(), a.double(), torch.bfloat16, name, factor=2.0)
+
+
+# ------------------------------------------------------------------------------------------ fp8 weight cache
+def _steps(recipe, ctx, x, w, dy, update):
+    """Two optimizer steps of forward + backward with an in-between weight update; -> the six results."""
+    out = list(run(recipe, ctx, x, w, dy))
+    update(w)
+    recipe.after_optimizer_step()
+    return out + list(run(recipe, ctx, x, w, dy))
+
+
+@pytest.mark.parametrize("how", ["torch in place", "untracked write (as the fused AdamW kernel)"])
+def test_fp8_weight_cache_equals_quantising_per_gemm(how, generator):
+    """Cached weight codes give bit-identical GEMMs to quantising W for every GEMM, also after the weights change:
+    by torch in-place ops (the version counter) or by a write torch does not see (w.data: the trainer's Numba
+    AdamW), which after_optimizer_step re-quantises for trainable parameters."""
+    x, w, dy = inputs(generator)
+
+    def update(p):
+        with torch.no_grad():
+            (p if how == "torch in place" else p.data).mul_(1.5).add_(0.01)
+
+    outs = []
+    for cache in (True, False):
+        p = torch.nn.Parameter(w.clone())
+        recipe = Recipe("fp8-hybrid", n_layers=1, cache_weights=cache)
+        outs.append(_steps(recipe, recipe.linear("q_proj", 0), x, p, dy, update))
+        assert bool(recipe._weights) == cache
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fp8_frozen_weight_is_quantised_once(generator, monkeypatch):
+    x, w, dy = inputs(generator)
+    base = torch.nn.Parameter(w.clone(), requires_grad=False)  # a LoRA base weight
+    recipe = Recipe("fp8-hybrid", n_layers=1)
+    ctx = recipe.linear("q_proj", 0)
+    calls = []
+    encode_both = fp8.encode_both
+    monkeypatch.setattr(fp8, "encode_both", lambda *a, **k: calls.append(a[0].shape) or encode_both(*a, **k))
+    for _ in range(3):
+        recipe.forward(x, base, ctx)
+        recipe.backward(dy, x, base, ctx, need_dw=False)
+        recipe.after_optimizer_step()
+    assert calls == [w.shape]  # the weight once; dy took encode (dgrad only)
+    with torch.no_grad():
+        base.mul_(2.0)  # changed where torch sees it: re-quantised at the next use
+    y = recipe.forward(x, base, ctx)
+    assert calls == [w.shape, w.shape]
+    fresh = Recipe("fp8-hybrid", n_layers=1, cache_weights=False)
+    fresh.load_state_dict(recipe.state_dict())
+    assert torch.equal(y, fresh.forward(x, base, fresh.linear("q_proj", 0)))
+
+
+def test_fp8_gradient_scaling_delayed_and_current(generator):
+    """delayed: dy encoded at the scale of earlier steps (1 at first), its amax recorded for the next; current: a
+    just-in-time scale from max|dy|. Both within FP8's error of float64; after one step they quantise alike."""
+    x, w, dy = inputs(generator)
+    _, dx64, dw64 = float64_truth(x, w, dy)
+    results = {}
+    for mode in ("delayed", "current"):
+        recipe = Recipe("fp8-hybrid", n_layers=1, grad_scaling=mode)
+        ctx = recipe.linear("o_proj", 0)
+        first = run(recipe, ctx, x, w, dy)
+        recipe.after_optimizer_step()
+        results[mode] = (first, run(recipe, ctx, x, w, dy))
+        for _, dx, dw in results[mode]:
+            assert rel_err(dx, dx64) < 0.1 and rel_err(dw, dw64) < 0.1
+        if mode == "delayed":
+            gs = recipe._delayed_scaling("cpu", grad=True)
+            assert gs.scale[0].item() == (torch.tensor(57344.0) / dy.abs().max()).item()
+            assert "grad_scale" in recipe.state_dict() and "grad_amax_history" in recipe.state_dict()
+    dyq = fp8.decode(fp8.encode(dy.reshape(-1, 48), 1.0, "e5m2"), 1.0, "e5m2", torch.float64)
+    first_dx = results["delayed"][0][1].reshape(-1, 64)
+    wq = fp8.decode(*fp8.quantize(w), "e4m3", torch.float64)
+    assert rel_err(first_dx, dyq @ wq) < 1e-6  # step 1: scale 1
+    # step 2: the delayed scale is the same max|dy| the current scaling computes: the same dx and dW
+    assert torch.equal(results["delayed"][1][1], results["current"][1][1])
+    assert torch.equal(results["delayed"][1][2], results["current"][1][2])
+    with pytest.raises(ValueError, match="grad_scaling"):
+        Recipe("fp8-hybrid", grad_scaling="jit")

@@ -11,7 +11,11 @@ Numerics:
 - Bit for bit equal to torch's casts (`(x.float() * scale).clamp(-max, max).to(torch.float8_e4m3fn)`); the kernels
   do it in integer arithmetic on the fp32 bits, so they also run in the CUDA simulator (no fp8 types there).
 Shapes: any shape for encode/decode (flattened); encode_transpose takes 2-D [R, C] and returns codes [C, R]
-(the column-major operand of the wgrad GEMM). Scales are Python floats or fp32 tensors with one element (device
+(the column-major operand of the wgrad GEMM); encode_both returns both layouts from one read of x (a gradient
+feeding dgrad and wgrad, a weight cached for forward and dgrad). BF16 inputs whose size is a multiple of 4 are
+encoded four at a time (one 8-byte load, one 4-byte store per thread): the same codes, fewer memory transactions.
+`out` / `out_t` arguments write into given uint8 buffers (cached weights are re-encoded in place, so CUDA graphs
+that read them stay valid). Scales are Python floats or fp32 tensors with one element (device
 tensors keep the step free of host syncs).
 """
 
@@ -122,6 +126,35 @@ def _make_encode(encode, load):
     return fp8_encode
 
 
+def _make_encode_bf16x4(encode):
+    def fp8_encode_bf16x4(x4, scale, codes4, amax, track_amax):
+        """x4: the BF16 input as int64 words (4 values each), codes4: the codes as int32 words (4 codes each)."""
+        s = scale[0]
+        m = float32(0.0)
+        i = cuda.grid(1)
+        step = cuda.gridsize(1)
+        while i < x4.shape[0]:
+            w = x4[i]
+            packed = 0
+            for j in range(4):
+                v = bits_f32(((w >> (16 * j)) & 0xFFFF) << 16)  # bf16 -> fp32: the bits in the upper half
+                packed |= encode(v, s) << (8 * j)
+                av = abs(v)
+                if av > m:  # NaN compares false: ignored
+                    m = av
+            if packed >= 0x80000000:  # the int32 word with these bits
+                packed -= 0x100000000
+            codes4[i] = packed
+            i += step
+        if track_amax != 0:
+            scratch = cuda.shared.array(REDUCE_SLOTS, float32)
+            m = block_max(m, scratch)
+            if cuda.threadIdx.x == 0:
+                cuda.atomic.max(amax, 0, m)
+
+    return fp8_encode_bf16x4
+
+
 def _make_decode(decode, store):
     def fp8_decode(codes, scale, out):
         s = scale[0]
@@ -135,8 +168,9 @@ def _make_decode(decode, store):
 
 
 def _make_encode_transpose(encode, load):
-    def fp8_encode_transpose(x, scale, codes_t, amax, track_amax):
-        """x [R, C] -> codes_t [C, R], one 32x32 tile per block of 256 threads (8 rows per pass)."""
+    def fp8_encode_transpose(x, scale, codes, codes_t, amax, track_amax, write_codes):
+        """x [R, C] -> codes_t [C, R] (and codes [R, C] when write_codes), one 32x32 tile per block of 256 threads
+        (8 rows per pass)."""
         tile = cuda.shared.array((TILE, TILE_PAD), float32)
         tid = cuda.threadIdx.x
         tx = tid % TILE
@@ -144,18 +178,20 @@ def _make_encode_transpose(encode, load):
         row0 = cuda.blockIdx.y * TILE
         col0 = cuda.blockIdx.x * TILE
         m = float32(0.0)
+        s = scale[0]
         for j in range(0, TILE, THREADS // TILE):
             r = row0 + ty + j
             c = col0 + tx
             v = float32(0.0)
             if r < x.shape[0] and c < x.shape[1]:
                 v = load(x[r, c])
+                if write_codes != 0:
+                    codes[r, c] = encode(v, s)
             tile[ty + j, tx] = v
             av = abs(v)
             if av > m:
                 m = av
         cuda.syncthreads()
-        s = scale[0]
         for j in range(0, TILE, THREADS // TILE):
             r = col0 + ty + j  # output row = input column
             c = row0 + tx
@@ -183,10 +219,15 @@ _encode = _build(_make_encode, "void({t}[::1], float32[::1], uint8[::1], float32
 _decode = _build(_make_decode, "void(uint8[::1], float32[::1], {t}[::1])", "fp8_decode", False)
 _encode_transpose = _build(
     _make_encode_transpose,
-    "void({t}[:, ::1], float32[::1], uint8[:, ::1], float32[::1], int32)",
+    "void({t}[:, ::1], float32[::1], uint8[:, ::1], uint8[:, ::1], float32[::1], int32, int32)",
     "fp8_encode_transpose",
     True,
 )
+_encode_bf16x4 = {
+    fmt: Kernel(_make_encode_bf16x4(encode), "void(int64[::1], float32[::1], int32[::1], float32[::1], int32)",
+                f"fp8_encode_bf16x4[{fmt}]")
+    for fmt, (encode, _) in _CODECS.items()
+}
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
@@ -219,17 +260,31 @@ def _grid(n: int, device) -> int:
     return max(1, min(ceil_div(n, THREADS), 16 * sm_count(device)))
 
 
-def encode_kernel(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None) -> torch.Tensor:
+def _out_codes(out: torch.Tensor | None, shape, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=torch.uint8, device=device)
+    if out.dtype != torch.uint8 or tuple(out.shape) != tuple(shape) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous uint8 tensor of shape {tuple(shape)}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    return out
+
+
+def encode_kernel(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Numba kernel: uint8 codes shaped like x; optionally folds max|x| into amax_out (atomic max)."""
     get_format(fmt)
     _check_input(x)
     flat = x.reshape(-1).contiguous()
-    codes = torch.empty(flat.shape, dtype=torch.uint8, device=x.device)
+    codes = _out_codes(out, x.shape, x.device).view(-1)
     amax, track = _amax_arg(amax_out, x.device)
-    if flat.numel():
-        _encode[fmt, x.dtype].launch(
-            _grid(flat.numel(), x.device), THREADS, (flat, _scale_tensor(scale, x.device), codes, amax, track)
-        )
+    n = flat.numel()
+    if n and x.dtype == torch.bfloat16 and n % 4 == 0 and flat.data_ptr() % 8 == 0 and codes.data_ptr() % 4 == 0:
+        x4, codes4 = flat.view(torch.int64), codes.view(torch.int32)
+        _encode_bf16x4[fmt].launch(_grid(n // 4, x.device), THREADS,
+                                   (x4, _scale_tensor(scale, x.device), codes4, amax, track))
+    elif n:
+        _encode[fmt, x.dtype].launch(_grid(n, x.device), THREADS,
+                                     (flat, _scale_tensor(scale, x.device), codes, amax, track))
     return codes.view(x.shape)
 
 
@@ -247,20 +302,33 @@ def decode_kernel(codes: torch.Tensor, scale, fmt: str = "e4m3", dtype: torch.dt
     return out.view(codes.shape)
 
 
-def encode_transpose_kernel(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None):
-    """Numba kernel: x [R, C] -> codes [C, R] (row-major), i.e. encode(x).T made contiguous, in one pass."""
+def _transpose_launch(x, scale, fmt, amax_out, out, out_t, both: bool):
     get_format(fmt)
     _check_input(x)
     if x.dim() != 2:
         raise ValueError(f"encode_transpose takes a 2-D tensor, got shape {tuple(x.shape)}")
     x = x.contiguous()
     rows, cols = x.shape
-    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=x.device)
+    codes_t = _out_codes(out_t, (cols, rows), x.device)
+    codes = _out_codes(out, (rows, cols), x.device) if both else codes_t.view(rows, cols)  # unused when not both
     amax, track = _amax_arg(amax_out, x.device)
     if x.numel():
         grid = (ceil_div(cols, TILE), ceil_div(rows, TILE))
-        _encode_transpose[fmt, x.dtype].launch(grid, THREADS, (x, _scale_tensor(scale, x.device), codes_t, amax, track))
-    return codes_t
+        _encode_transpose[fmt, x.dtype].launch(
+            grid, THREADS, (x, _scale_tensor(scale, x.device), codes, codes_t, amax, track, int(both)))
+    return codes, codes_t
+
+
+def encode_transpose_kernel(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Numba kernel: x [R, C] -> codes [C, R] (row-major), i.e. encode(x).T made contiguous, in one pass."""
+    return _transpose_launch(x, scale, fmt, amax_out, None, out, both=False)[1]
+
+
+def encode_both_kernel(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None, out_t: torch.Tensor | None = None):
+    """Numba kernel: (codes [R, C], codes_t [C, R]) of x [R, C] from one read of x."""
+    return _transpose_launch(x, scale, fmt, amax_out, out, out_t, both=True)
 
 
 # -------------------------------------------------------------------------------------------------------- reference
@@ -269,7 +337,8 @@ def _reference_amax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(a), torch.zeros_like(a), a).amax() if a.numel() else a.new_zeros(())
 
 
-def reference_encode(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None):
+def reference_encode(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None):
     """torch's cast after saturation; NaN carries the sign of x."""
     f = get_format(fmt)
     _check_input(x)
@@ -281,7 +350,7 @@ def reference_encode(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.
     if amax_out is not None:
         amax, _ = _amax_arg(amax_out, x.device)
         amax.copy_(torch.maximum(amax, _reference_amax(x)))
-    return codes
+    return codes if out is None else _out_codes(out, x.shape, x.device).copy_(codes)
 
 
 def reference_decode(codes: torch.Tensor, scale, fmt: str = "e4m3", dtype: torch.dtype = torch.bfloat16):
@@ -290,16 +359,28 @@ def reference_decode(codes: torch.Tensor, scale, fmt: str = "e4m3", dtype: torch
     return (codes.view(torch.uint8).view(f.torch_dtype).float() / s).to(dtype)
 
 
-def reference_encode_transpose(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None):
+def reference_encode_transpose(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None,
+                               out: torch.Tensor | None = None):
     if x.dim() != 2:
         raise ValueError(f"encode_transpose takes a 2-D tensor, got shape {tuple(x.shape)}")
-    return reference_encode(x, scale, fmt, amax_out).t().contiguous()
+    codes_t = reference_encode(x, scale, fmt, amax_out).t()
+    return codes_t.contiguous() if out is None else _out_codes(out, codes_t.shape, x.device).copy_(codes_t)
+
+
+def reference_encode_both(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None,
+                          out: torch.Tensor | None = None, out_t: torch.Tensor | None = None):
+    codes = reference_encode(x, scale, fmt, amax_out, out)
+    if x.dim() != 2:
+        raise ValueError(f"encode_both takes a 2-D tensor, got shape {tuple(x.shape)}")
+    return codes, (codes.t().contiguous() if out_t is None else _out_codes(out_t, codes.t().shape, x.device)
+                   .copy_(codes.t()))
 
 
 # ----------------------------------------------------------------------------------------------------- public API
-def encode(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None) -> torch.Tensor:
+def encode(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 FP8 codes of saturate(x * scale); CUDA tensors run the Numba kernel, CPU tensors the torch reference."""
-    return (encode_kernel if x.is_cuda else reference_encode)(x, scale, fmt, amax_out)
+    return (encode_kernel if x.is_cuda else reference_encode)(x, scale, fmt, amax_out, out)
 
 
 def decode(codes: torch.Tensor, scale, fmt: str = "e4m3", dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -307,9 +388,17 @@ def decode(codes: torch.Tensor, scale, fmt: str = "e4m3", dtype: torch.dtype = t
     return (decode_kernel if codes.is_cuda else reference_decode)(codes, scale, fmt, dtype)
 
 
-def encode_transpose(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None):
+def encode_transpose(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None):
     """codes of x [R, C] laid out as [C, R] (the column-major operand of torch._scaled_mm for the wgrad GEMM)."""
-    return (encode_transpose_kernel if x.is_cuda else reference_encode_transpose)(x, scale, fmt, amax_out)
+    return (encode_transpose_kernel if x.is_cuda else reference_encode_transpose)(x, scale, fmt, amax_out, out)
+
+
+def encode_both(x: torch.Tensor, scale, fmt: str = "e4m3", amax_out: torch.Tensor | None = None,
+                out: torch.Tensor | None = None, out_t: torch.Tensor | None = None):
+    """(codes [R, C], codes_t [C, R]) of x [R, C] in one pass over x: what dgrad and wgrad (or forward and dgrad)
+    take from one tensor."""
+    return (encode_both_kernel if x.is_cuda else reference_encode_both)(x, scale, fmt, amax_out, out, out_t)
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:

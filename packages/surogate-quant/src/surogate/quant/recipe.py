@@ -6,10 +6,19 @@ GEMMs of a linear layer with x [M, K] (tokens flattened), W [N, K], dy [M, N]:
 - "bf16": torch.matmul in BF16 (fp32 accumulation in cuBLAS).
 - "fp8-hybrid" (TransformerEngine's DelayedScaling): forward E4M3 x E4M3; dgrad E5M2(dy) x E4M3(W); wgrad
   E5M2(dy)^T x E4M3(x). Activations (the forward input x) use delayed scaling (amax history, default 1024, margin,
-  recorded by the fused encode; `after_optimizer_step()` rolls it); weights and gradients get just-in-time
-  per-tensor scales. wgrad reuses the forward scale of x (quantise + transpose). CUDA with SM >= 8.9 and dims that
-  are multiples of 16: torch._scaled_mm (cuBLASLt FP8). Elsewhere (CPU, older GPUs, odd shapes): the exact
-  emulation, fp32 matmul of the FP8 values times both inverse scales, as cuBLASLt computes it.
+  recorded by the fused encode; `after_optimizer_step()` rolls it). Gradients dy: delayed scaling too by default
+  (grad_scaling="delayed", TE's behaviour: one pass writes both layouts of dy and records its amax; the first
+  step encodes with scale 1), or grad_scaling="current": a just-in-time scale from a separate abs-max pass (the
+  reference Surogate's choice, one more read of dy). Weights: just-in-time per-tensor scale, quantised once per
+  optimizer step into a cache holding both layouts (forward W, dgrad W^T): a frozen weight (LoRA base) is
+  quantised once, a trainable nn.Parameter again by `after_optimizer_step()` in place (so CUDA graphs that read
+  the cache stay valid); any weight whose storage or version counter changed is re-quantised when next used.
+  The cache costs 2 bytes per weight of the quantised layers (cache_weights=False: quantise per GEMM, as
+  before); QLoRA base weights are never cached (their memory is the point of QLoRA). wgrad reuses the forward
+  scale of x (quantise + transpose). Per GEMM only the activation / gradient encode runs next to the FP8 GEMM,
+  and the inverse scales are kept, not recomputed. CUDA with SM >= 8.9 and dims that are multiples of 16:
+  torch._scaled_mm (cuBLASLt FP8). Elsewhere (CPU, older GPUs, odd shapes): the exact emulation, fp32 matmul of
+  the FP8 values times both inverse scales, as cuBLASLt computes it.
 - "nvfp4" (TransformerEngine's NVFP4BlockScaling): x 1-D blocks RNE, W 16x16 tiles RNE, dy 1-D blocks with
   stochastic rounding (seeds change each optimizer step), wgrad inputs through the 16-point random Hadamard
   transform along the tokens. No FP4 GEMM runs here (Hopper has no FP4 tensor cores; Blackwell's block-scaled
@@ -31,6 +40,7 @@ from . import fp8, nvfp4
 from .qlora import QuantizedWeight
 
 RECIPES = ("bf16", "fp8-hybrid", "nvfp4")
+GRAD_SCALING = ("delayed", "current")
 _SR_DGRAD = 0x9E3779B9
 _SR_WGRAD = _SR_DGRAD + 1
 _RHT_SALT = 0x51ED27
@@ -47,6 +57,49 @@ class LinearContext:
     slot: int = -1
 
 
+@dataclass(eq=False)
+class _Fp8Weight:
+    """A weight's E4M3 codes in both GEMM layouts with its per-tensor scale (forward reads codes [N, K], dgrad
+    codes_t [K, N]). `source` is the tensor they were made from; ptr / version tell when it changed."""
+
+    codes: torch.Tensor
+    codes_t: torch.Tensor
+    scale: torch.Tensor  # [1] fp32
+    scale_inv: torch.Tensor  # [1] fp32
+    source: torch.Tensor | None = None
+    ptr: int = -1
+    version: int = -1
+    dirty: bool = True
+    dtype: torch.dtype | None = None  # what the weight was cast to before quantising
+
+    @classmethod
+    def empty(cls, w: torch.Tensor) -> _Fp8Weight:
+        n, k = w.shape
+        f32 = dict(dtype=torch.float32, device=w.device)
+        return cls(torch.empty(n, k, dtype=torch.uint8, device=w.device),
+                   torch.empty(k, n, dtype=torch.uint8, device=w.device), torch.ones(1, **f32), torch.ones(1, **f32))
+
+    def fits(self, w: torch.Tensor) -> bool:
+        return self.codes.shape == w.shape and self.codes.device == w.device
+
+    def current(self, w: torch.Tensor) -> bool:
+        return not self.dirty and self.ptr == w.data_ptr() and self.version == w._version
+
+    @torch.no_grad()
+    def refresh(self, w: torch.Tensor, dtype: torch.dtype) -> None:
+        """Quantise w (cast to dtype first, as the uncached path does) into the existing buffers."""
+        wd = w.detach()
+        wd = wd if wd.dtype == dtype else wd.to(dtype)
+        self.scale.copy_(fp8.scale_from_amax(fp8.abs_max(wd), "e4m3").reshape(1))
+        torch.reciprocal(self.scale, out=self.scale_inv)
+        fp8.encode_both(wd, self.scale, "e4m3", out=self.codes, out_t=self.codes_t)
+        # a Parameter is the weight's persistent storage: keep it for after_optimizer_step (a later call may pass
+        # a saved or gathered alias)
+        if isinstance(w, torch.nn.Parameter) or not isinstance(self.source, torch.nn.Parameter):
+            self.source = w
+        self.ptr, self.version, self.dirty, self.dtype = w.data_ptr(), w._version, False, dtype
+
+
 class Recipe:
     def __init__(
         self,
@@ -59,14 +112,20 @@ class Recipe:
         margin: int = 0,
         seed: int = 0,
         gemm: str | None = None,
+        grad_scaling: str = "delayed",
+        cache_weights: bool = True,
     ):
-        """gemm: None picks per call; "scaled_mm" or "emulate" force the FP8 GEMM path (tests use both on CPU)."""
+        """gemm: None picks per call; "scaled_mm" or "emulate" force the FP8 GEMM path (tests use both on CPU).
+        grad_scaling: "delayed" or "current" for the E5M2 gradients; cache_weights: keep FP8 weights between
+        GEMMs (fp8-hybrid; see the module doc)."""
         if name not in RECIPES:
             raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {name!r}")
         if min(skip_quant_first_layers, skip_quant_last_layers, n_layers, amax_history_len - 1) < 0:
             raise ValueError("n_layers and skip_quant_*_layers must be >= 0, amax_history_len >= 1")
         if gemm not in (None, "scaled_mm", "emulate"):
             raise ValueError(f"gemm must be None, 'scaled_mm' or 'emulate', got {gemm!r}")
+        if grad_scaling not in GRAD_SCALING:
+            raise ValueError(f"grad_scaling must be 'delayed' or 'current', got {grad_scaling!r}")
         self.name = name
         self.n_layers = n_layers
         self.skip_first = skip_quant_first_layers
@@ -75,8 +134,12 @@ class Recipe:
         self.margin = margin
         self.seed = seed
         self.gemm = gemm
+        self.grad_scaling = grad_scaling
+        self.cache_weights = cache_weights
         self.contexts: list[LinearContext] = []
-        self._scaling: fp8.DelayedScaling | None = None
+        self._scaling: fp8.DelayedScaling | None = None  # forward inputs x, E4M3
+        self._grad_scaling: fp8.DelayedScaling | None = None  # gradients dy, E5M2 (grad_scaling "delayed")
+        self._weights: dict[int, _Fp8Weight] = {}  # fp8 slot -> cached weight codes
         self._step_seed: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------- registration
@@ -91,17 +154,38 @@ class Recipe:
         self.contexts.append(ctx)
         return ctx
 
-    def _delayed_scaling(self, device, n_min: int = 0) -> fp8.DelayedScaling:
+    def _delayed_scaling(self, device, n_min: int = 0, grad: bool = False) -> fp8.DelayedScaling:
+        """The delayed-scaling state of the forward inputs (E4M3), or with grad=True of the gradients (E5M2)."""
         n = max(n_min, sum(c.mode == "fp8" for c in self.contexts))
-        ds = self._scaling
+        ds = self._grad_scaling if grad else self._scaling
         if ds is None or ds.scale.numel() < n or ds.scale.device != torch.device(device):
-            fresh = fp8.DelayedScaling(n, "e4m3", self.amax_history_len, self.margin, device=device)
+            fmt = "e5m2" if grad else "e4m3"
+            fresh = fp8.DelayedScaling(n, fmt, self.amax_history_len, self.margin, device=device)
             if ds is not None:  # layers registered late keep what the earlier ones learned
                 k = ds.scale.numel()
                 for name, t in ds.state_dict().items():
                     getattr(fresh, name)[..., :k].copy_(t)
-            self._scaling = ds = fresh
+            ds = fresh
+            if grad:
+                self._grad_scaling = ds
+            else:
+                self._scaling = ds
         return ds
+
+    def _fp8_weight(self, w, ctx: LinearContext, dtype) -> _Fp8Weight:
+        """The layer's weight as E4M3 codes in both layouts: from the cache when it is current, else quantised
+        (into the cache when cache_weights and w is a plain tensor; QLoRA weights are quantised per GEMM)."""
+        if isinstance(w, QuantizedWeight) or not self.cache_weights:
+            plain = _plain(w, dtype)
+            entry = _Fp8Weight.empty(plain)
+            entry.refresh(plain, dtype)
+            return entry
+        entry = self._weights.get(ctx.slot)
+        if entry is None or not entry.fits(w):
+            entry = self._weights[ctx.slot] = _Fp8Weight.empty(w)
+        if not entry.current(w) or entry.dtype != dtype:
+            entry.refresh(w, dtype)
+        return entry
 
     def _seed(self, ctx: LinearContext, salt: int, device) -> torch.Tensor:
         if self._step_seed is None or self._step_seed.device != torch.device(device):
@@ -110,9 +194,19 @@ class Recipe:
 
     @torch.no_grad()
     def after_optimizer_step(self):
-        """Roll the FP8 amax history and update the scales; advance the stochastic-rounding seeds (device ops)."""
-        if self._scaling is not None:
-            self._scaling.update()
+        """Roll the FP8 amax histories and update the scales; re-quantise the cached trainable weights in place;
+        advance the stochastic-rounding seeds (device ops only)."""
+        for ds in (self._scaling, self._grad_scaling):
+            if ds is not None:
+                ds.update()
+        for entry in self._weights.values():
+            w = entry.source
+            if w is None or not (w.requires_grad or w._version != entry.version):
+                continue  # a frozen weight that did not change
+            if isinstance(w, torch.nn.Parameter):
+                entry.refresh(w, entry.dtype)  # in place: graphs replayed after this read the new codes
+            else:
+                entry.dirty = True  # an alias (e.g. a gathered copy) may hold other data now: re-quantise at use
         if self._step_seed is not None:
             self._step_seed.add_(1)
 
@@ -120,6 +214,8 @@ class Recipe:
         state = {"seed_step": self._step_seed}
         if self._scaling is not None:
             state.update(self._scaling.state_dict())
+        if self._grad_scaling is not None:
+            state.update({f"grad_{k}": v for k, v in self._grad_scaling.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict):
@@ -127,19 +223,22 @@ class Recipe:
             self._step_seed = state["seed_step"].clone()
         if "scale" in state:
             self._delayed_scaling(state["scale"].device, n_min=state["scale"].numel()).load_state_dict(state)
+        if "grad_scale" in state:
+            grad = {k[len("grad_"):]: v for k, v in state.items() if k.startswith("grad_")}
+            self._delayed_scaling(grad["scale"].device, n_min=grad["scale"].numel(), grad=True).load_state_dict(grad)
 
     # ------------------------------------------------------------------------------------------------ GEMMs
     def forward(self, x: torch.Tensor, w, ctx: LinearContext) -> torch.Tensor:
         """y = x W^T: x [..., K], W [N, K] (tensor or QuantizedWeight) -> [..., N] in x's dtype."""
         x2 = x.reshape(-1, x.shape[-1])
-        w = _plain(w, x.dtype)
         if ctx.mode == "fp8":
             ds = self._delayed_scaling(x.device)
-            sx = ds.scale_slot(ctx.slot)
-            xq = fp8.encode(x2, sx, "e4m3", amax_out=ds.amax_slot(ctx.slot))
-            wq, sw = fp8.quantize(w, "e4m3")
-            y = self._fp8_gemm(xq, "e4m3", sx, wq, "e4m3", sw, x.dtype)
-        elif ctx.mode == "nvfp4":
+            xq = fp8.encode(x2, ds.scale_slot(ctx.slot), "e4m3", amax_out=ds.amax_slot(ctx.slot))
+            wc = self._fp8_weight(w, ctx, x.dtype)
+            y = self._fp8_gemm(xq, "e4m3", ds.scale_inv_slot(ctx.slot), wc.codes, "e4m3", wc.scale_inv, x.dtype)
+            return y.view(*x.shape[:-1], wc.codes.shape[0])
+        w = _plain(w, x.dtype)
+        if ctx.mode == "nvfp4":
             y = _fp4_gemm(nvfp4.quantize(x2), nvfp4.quantize(w, block_2d=True), x.dtype)
         else:
             y = torch.matmul(x2, w.t())
@@ -159,18 +258,27 @@ class Recipe:
         out_dtype = out_dtype or dy.dtype
         dx = dw = None
         if ctx.mode == "fp8":
-            sdy = fp8.scale_from_amax(fp8.abs_max(dy2), "e5m2", self.margin)
+            if self.grad_scaling == "delayed":  # the scale of earlier steps; this dy's amax recorded by the encode
+                gs = self._delayed_scaling(dy.device, grad=True)
+                sdy, sdy_inv, amax_out = gs.scale_slot(ctx.slot), gs.scale_inv_slot(ctx.slot), gs.amax_slot(ctx.slot)
+            else:
+                sdy = fp8.scale_from_amax(fp8.abs_max(dy2), "e5m2", self.margin)
+                sdy_inv, amax_out = torch.reciprocal(sdy), None
+            dyq = dyq_t = None
+            if need_dx and need_dw:
+                dyq, dyq_t = fp8.encode_both(dy2.contiguous(), sdy, "e5m2", amax_out)
+            elif need_dx:
+                dyq = fp8.encode(dy2, sdy, "e5m2", amax_out)
+            elif need_dw:
+                dyq_t = fp8.encode_transpose(dy2, sdy, "e5m2", amax_out)
             if need_dx:
-                w = _plain(w, dy.dtype)
-                sw = fp8.scale_from_amax(fp8.abs_max(w), "e4m3")
-                dyq = fp8.encode(dy2, sdy, "e5m2")
-                dx = self._fp8_gemm(dyq, "e5m2", sdy, fp8.encode_transpose(w, sw, "e4m3"), "e4m3", sw, dy.dtype)
+                wc = self._fp8_weight(w, ctx, dy.dtype)
+                dx = self._fp8_gemm(dyq, "e5m2", sdy_inv, wc.codes_t, "e4m3", wc.scale_inv, dy.dtype)
             if need_dw:
                 x2 = x.reshape(-1, x.shape[-1])
-                sx = self._delayed_scaling(x.device).scale_slot(ctx.slot)  # the forward's scale
-                dyq_t = fp8.encode_transpose(dy2, sdy, "e5m2")
-                xq_t = fp8.encode_transpose(x2, sx, "e4m3")
-                dw = self._fp8_gemm(dyq_t, "e5m2", sdy, xq_t, "e4m3", sx, out_dtype)
+                ds = self._delayed_scaling(x.device)  # the forward's scale (updated only after the step)
+                xq_t = fp8.encode_transpose(x2, ds.scale_slot(ctx.slot), "e4m3")
+                dw = self._fp8_gemm(dyq_t, "e5m2", sdy_inv, xq_t, "e4m3", ds.scale_inv_slot(ctx.slot), out_dtype)
         elif ctx.mode == "nvfp4":
             if need_dx:
                 w = _plain(w, dy.dtype)
@@ -200,10 +308,10 @@ class Recipe:
         dyq = nvfp4.quantize(dy_t, stochastic=True, seed=self._seed(ctx, _SR_WGRAD, dy2.device))
         return _fp4_gemm(dyq, nvfp4.quantize(x_t), out_dtype)
 
-    def _fp8_gemm(self, a, a_fmt, a_scale, b_t, b_fmt, b_scale, out_dtype):
-        """(a / a_scale) @ (b_t / b_scale)^T for FP8 codes a [M, K] and b_t [N, K] (row-major)."""
-        a_inv = torch.reciprocal(a_scale).reshape(())
-        b_inv = torch.reciprocal(b_scale).reshape(())
+    def _fp8_gemm(self, a, a_fmt, a_scale_inv, b_t, b_fmt, b_scale_inv, out_dtype):
+        """(a * a_scale_inv) @ (b_t * b_scale_inv)^T for FP8 codes a [M, K] and b_t [N, K] (row-major)."""
+        a_inv = a_scale_inv.reshape(())
+        b_inv = b_scale_inv.reshape(())
         if self._use_scaled_mm(a, b_t):
             a8 = a.view(fp8.FORMATS[a_fmt].torch_dtype)
             b8 = b_t.view(fp8.FORMATS[b_fmt].torch_dtype)
