@@ -1,7 +1,10 @@
 """Checkpoints: everything needed to continue a run exactly, written atomically, newest N kept.
 
 output_dir/checkpoints/step_00000120/
-    optimizer.safetensors   fp32 master weights of the trainable parameters + optimizer states (flat, per group)
+    optimizer.safetensors   fp32 master weights of the trainable parameters + optimizer states (flat, per group:
+                            group{i}.master, then exp_avg / exp_avg_sq for adamw, or the 8-bit m_codes / v_codes
+                            (uint8) and m_absmax / v_absmax (fp32, one per 2048) for adamw_8bit; the same files
+                            whether the states lived on the device or offloaded to host memory)
     rng.safetensors         torch CPU (and CUDA) generator states
     recipe.safetensors      the recipe's state, when it has one: fp8-hybrid's amax histories and delayed scales,
                             nvfp4's stochastic-rounding step (model.recipe_state_dict())
