@@ -16,7 +16,8 @@ GEMMs of a linear layer with x [M, K] (tokens flattened), W [N, K], dy [M, N]:
   The cache costs 2 bytes per weight of the quantised layers (cache_weights=False: quantise per GEMM, as
   before); QLoRA base weights are never cached (their memory is the point of QLoRA). wgrad reuses the forward
   scale of x (quantise + transpose). Per GEMM only the activation / gradient encode runs next to the FP8 GEMM,
-  and the inverse scales are kept, not recomputed. CUDA with SM >= 8.9 and dims that are multiples of 16:
+  and the inverse scales are kept, not recomputed. Forward GEMMs use cuBLASLt's fast accumulation (TE's fprop
+  default), dgrad / wgrad the split (fp32-promoted) accumulator. CUDA with SM >= 8.9 and dims that are multiples of 16:
   torch._scaled_mm (cuBLASLt FP8). Elsewhere (CPU, older GPUs, odd shapes): the exact emulation, fp32 matmul of
   the FP8 values times both inverse scales, as cuBLASLt computes it.
 - "nvfp4" (TransformerEngine's NVFP4BlockScaling): x 1-D blocks RNE, W 16x16 tiles RNE, dy 1-D blocks with
@@ -235,7 +236,8 @@ class Recipe:
             ds = self._delayed_scaling(x.device)
             xq = fp8.encode(x2, ds.scale_slot(ctx.slot), "e4m3", amax_out=ds.amax_slot(ctx.slot))
             wc = self._fp8_weight(w, ctx, x.dtype)
-            y = self._fp8_gemm(xq, "e4m3", ds.scale_inv_slot(ctx.slot), wc.codes, "e4m3", wc.scale_inv, x.dtype)
+            y = self._fp8_gemm(xq, "e4m3", ds.scale_inv_slot(ctx.slot), wc.codes, "e4m3", wc.scale_inv, x.dtype,
+                               fast_accum=True)
             return y.view(*x.shape[:-1], wc.codes.shape[0])
         w = _plain(w, x.dtype)
         if ctx.mode == "nvfp4":
@@ -308,14 +310,18 @@ class Recipe:
         dyq = nvfp4.quantize(dy_t, stochastic=True, seed=self._seed(ctx, _SR_WGRAD, dy2.device))
         return _fp4_gemm(dyq, nvfp4.quantize(x_t), out_dtype)
 
-    def _fp8_gemm(self, a, a_fmt, a_scale_inv, b_t, b_fmt, b_scale_inv, out_dtype):
-        """(a * a_scale_inv) @ (b_t * b_scale_inv)^T for FP8 codes a [M, K] and b_t [N, K] (row-major)."""
+    def _fp8_gemm(self, a, a_fmt, a_scale_inv, b_t, b_fmt, b_scale_inv, out_dtype, fast_accum=False):
+        """(a * a_scale_inv) @ (b_t * b_scale_inv)^T for FP8 codes a [M, K] and b_t [N, K] (row-major).
+        fast_accum (forward only, as TransformerEngine: no split accumulator for fprop, split for dgrad / wgrad):
+        cuBLASLt keeps the sums in the tensor cores' accumulator instead of promoting them to fp32 every few
+        K-steps; the emulation always sums in fp32."""
         a_inv = a_scale_inv.reshape(())
         b_inv = b_scale_inv.reshape(())
         if self._use_scaled_mm(a, b_t):
             a8 = a.view(fp8.FORMATS[a_fmt].torch_dtype)
             b8 = b_t.view(fp8.FORMATS[b_fmt].torch_dtype)
-            return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+            return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype,
+                                    use_fast_accum=fast_accum)
         av = fp8.decode(a, 1.0, a_fmt, torch.float32)
         bv = fp8.decode(b_t, 1.0, b_fmt, torch.float32)
         return (torch.matmul(av, bv.t()) * (a_inv * b_inv)).to(out_dtype)
