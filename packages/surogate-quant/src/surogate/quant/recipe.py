@@ -138,6 +138,7 @@ class Recipe:
         self.grad_scaling = grad_scaling
         self.cache_weights = cache_weights
         self.contexts: list[LinearContext] = []
+        self._n_fp8 = 0  # contexts in mode "fp8": the delayed-scaling slots
         self._scaling: fp8.DelayedScaling | None = None  # forward inputs x, E4M3
         self._grad_scaling: fp8.DelayedScaling | None = None  # gradients dy, E5M2 (grad_scaling "delayed")
         self._weights: dict[int, _Fp8Weight] = {}  # fp8 slot -> cached weight codes
@@ -151,14 +152,15 @@ class Recipe:
         )
         mode = {"fp8-hybrid": "fp8", "nvfp4": "nvfp4"}[self.name] if quantized else "bf16"
         slot = sum(c.mode == mode for c in self.contexts) if quantized else -1
+        self._n_fp8 += mode == "fp8"
         ctx = LinearContext(name, layer, mode, slot)
         self.contexts.append(ctx)
         return ctx
 
     def _delayed_scaling(self, device, n_min: int = 0, grad: bool = False) -> fp8.DelayedScaling:
         """The delayed-scaling state of the forward inputs (E4M3), or with grad=True of the gradients (E5M2)."""
-        n = max(n_min, sum(c.mode == "fp8" for c in self.contexts))
         ds = self._grad_scaling if grad else self._scaling
+        n = max(n_min, self._n_fp8)
         if ds is None or ds.scale.numel() < n or ds.scale.device != torch.device(device):
             fmt = "e5m2" if grad else "e4m3"
             fresh = fp8.DelayedScaling(n, fmt, self.amax_history_len, self.margin, device=device)
