@@ -202,12 +202,15 @@ def _steps(recipe, ctx, x, w, dy, update):
     return out + list(run(recipe, ctx, x, w, dy))
 
 
+@pytest.mark.parametrize("source", ["parameter", "alias"])
 @pytest.mark.parametrize("how", ["torch in place", "untracked write (as the fused AdamW kernel)"])
-def test_fp8_weight_cache_equals_quantising_per_gemm(how, generator):
+def test_fp8_weight_cache_equals_quantising_per_gemm(how, source, generator):
     """Cached weight codes give bit-identical GEMMs to quantising W for every GEMM, also after the weights change:
     by torch in-place ops (the version counter) or by a write torch does not see (w.data: the trainer's Numba
-    AdamW), which after_optimizer_step re-quantises for trainable parameters."""
+    AdamW), which after_optimizer_step re-quantises in place for parameters, and marks stale for other tensors
+    (a ZeRO-3 gathered copy: re-quantised at its next use)."""
     x, w, dy = inputs(generator)
+    make = torch.nn.Parameter if source == "parameter" else (lambda t: t.requires_grad_(False))
 
     def update(p):
         with torch.no_grad():
@@ -215,7 +218,7 @@ def test_fp8_weight_cache_equals_quantising_per_gemm(how, generator):
 
     outs = []
     for cache in (True, False):
-        p = torch.nn.Parameter(w.clone())
+        p = make(w.clone())
         recipe = Recipe("fp8-hybrid", n_layers=1, cache_weights=cache)
         outs.append(_steps(recipe, recipe.linear("q_proj", 0), x, p, dy, update))
         assert bool(recipe._weights) == cache

@@ -204,12 +204,14 @@ class Recipe:
                 ds.update()
         for entry in self._weights.values():
             w = entry.source
-            if w is None or not (w.requires_grad or w._version != entry.version):
-                continue  # a frozen weight that did not change
-            if isinstance(w, torch.nn.Parameter):
+            if w is None:
+                continue
+            if not isinstance(w, torch.nn.Parameter):
+                # an alias (a ZeRO-3 gathered copy): it may hold other data now, re-quantise at its next use
+                # (eager only: under CUDA graphs the weights must be the model's nn.Parameters, as in CausalLM)
+                entry.dirty = True
+            elif w.requires_grad or w._version != entry.version:
                 entry.refresh(w, entry.dtype)  # in place: graphs replayed after this read the new codes
-            else:
-                entry.dirty = True  # an alias (e.g. a gathered copy) may hold other data now: re-quantise at use
         if self._step_seed is not None:
             self._step_seed.add_(1)
 
