@@ -155,8 +155,9 @@ class Config:
     offload_master: bool = _opt(False, "keep the fp32 master weights in pinned host memory (bf16 weights stay on the "
                                 "GPU); the optimizer reads and writes them there")
     offload_optimizer: bool = _opt(False, "keep the AdamW states (fp32 or 8-bit) in pinned host memory")
-    use_zero_copy: bool = _opt(True, "offload_master / offload_optimizer: the optimizer kernel reads and writes the "
-                               "host memory directly (true), or double-buffered chunks stream through the GPU (false)")
+    use_zero_copy: bool = _opt(False, "offload_master / offload_optimizer: the optimizer kernel reads and writes the "
+                               "host memory directly (true), or double-buffered chunks stream through the GPU (false; "
+                               "measured faster on the H100: 8B full FT optimizer step 2.45 s vs 2.96 s)")
     offload_grads: bool = _opt(False, "zero_level 2 under mpirun: keep the fp32 gradient shards in pinned host "
                                "memory")
 
