@@ -8,7 +8,9 @@ Run it once per world size; each run loops over shapes x modes x ZeRO levels in 
 Every rank trains its own random rows ([micro_batch, seq_len], one causal document per row) with random weights
 (the same on every rank); a step's tokens are world_size * micro_batch * seq_len. Rank 0 appends one JSON line per
 configuration: world_size, shape, mode, zero, cuda_graphs, tok_per_s (global, median step time over the timed
-steps after the warm-up), step_ms, peak_gib. At world size 1 `--zeros` is ignored (plain TrainStep) and
+steps after the warm-up), step_ms, peak_gib. `--accum N` runs N micro-batches per optimizer step (the reference
+Surogate's published runs use 4): the gradient reduction is then paid once per N micro-steps.
+At world size 1 `--zeros` is ignored (plain TrainStep) and
 `--eager-too` adds a run without CUDA graphs (ZeRO-3 runs eagerly: its fair 1-GPU baseline).
 `--device cpu --shapes tiny` runs the same code on the CPU with gloo (a smoke test of this script).
 """
@@ -67,7 +69,8 @@ def run(procs, shape: str, mode: str, args, cuda_graphs: bool) -> dict:
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss_sum, valid, _ = step_fn([batches[i % 2]], lr=1e-5, step=i + 1)
+        window = [batches[(i + j) % 2] for j in range(args.accum)]  # accum micro-batches per optimizer step
+        loss_sum, valid, _ = step_fn(window, lr=1e-5, step=i + 1)
         loss = float(loss_sum) / max(valid, 1)  # a host sync per step, as the trainer's step line
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -75,8 +78,8 @@ def run(procs, shape: str, mode: str, args, cuda_graphs: bool) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     if procs.world_size > 1:
         peak = procs.world.max(peak)
-    tokens = procs.world_size * args.micro_batch * args.seq_len
-    return {"world_size": procs.world_size, "shape": shape, "mode": mode, "zero": procs.zero_level,
+    tokens = procs.world_size * args.micro_batch * args.seq_len * args.accum
+    return {"world_size": procs.world_size, "shape": shape, "mode": mode, "zero": procs.zero_level, "accum": args.accum,
             "cuda_graphs": bool(step_fn.cuda_graphs), "tok_per_s": tokens / step_s, "step_ms": 1e3 * step_s,
             "peak_gib": peak, "loss": loss, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
@@ -88,6 +91,7 @@ def main() -> int:
     parser.add_argument("--zeros", default="1,3")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--eager-too", action="store_true", help="at world size 1: also without CUDA graphs")
