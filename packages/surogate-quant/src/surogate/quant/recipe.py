@@ -175,14 +175,19 @@ class Recipe:
                 self._scaling = ds
         return ds
 
-    def _fp8_weight(self, w, ctx: LinearContext, dtype) -> _Fp8Weight:
-        """The layer's weight as E4M3 codes in both layouts: from the cache when it is current, else quantised
-        (into the cache when cache_weights and w is a plain tensor; QLoRA weights are quantised per GEMM)."""
+    def _fp8_weight(self, w, ctx: LinearContext, dtype, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E4M3 codes of W [N, K], or of W^T [K, N] when transposed; the inverse scale): from the cache when it is
+        current, else quantised into it. Uncached (QLoRA weights, cache_weights=False): quantised for this GEMM
+        alone, in the one layout it needs."""
         if isinstance(w, QuantizedWeight) or not self.cache_weights:
             plain = _plain(w, dtype)
-            entry = _Fp8Weight.empty(plain)
-            entry.refresh(plain, dtype)
-            return entry
+            scale = fp8.scale_from_amax(fp8.abs_max(plain), "e4m3")
+            codes = (fp8.encode_transpose if transposed else fp8.encode)(plain, scale, "e4m3")
+            return codes, torch.reciprocal(scale)
+        entry = self._cached_weight(w, ctx, dtype)
+        return (entry.codes_t if transposed else entry.codes), entry.scale_inv
+
+    def _cached_weight(self, w, ctx: LinearContext, dtype) -> _Fp8Weight:
         entry = self._weights.get(ctx.slot)
         if entry is None or not entry.fits(w):
             entry = self._weights[ctx.slot] = _Fp8Weight.empty(w)
@@ -239,10 +244,9 @@ class Recipe:
         if ctx.mode == "fp8":
             ds = self._delayed_scaling(x.device)
             xq = fp8.encode(x2, ds.scale_slot(ctx.slot), "e4m3", amax_out=ds.amax_slot(ctx.slot))
-            wc = self._fp8_weight(w, ctx, x.dtype)
-            y = self._fp8_gemm(xq, "e4m3", ds.scale_inv_slot(ctx.slot), wc.codes, "e4m3", wc.scale_inv, x.dtype,
-                               fast_accum=True)
-            return y.view(*x.shape[:-1], wc.codes.shape[0])
+            wq, w_inv = self._fp8_weight(w, ctx, x.dtype, transposed=False)
+            y = self._fp8_gemm(xq, "e4m3", ds.scale_inv_slot(ctx.slot), wq, "e4m3", w_inv, x.dtype, fast_accum=True)
+            return y.view(*x.shape[:-1], wq.shape[0])
         w = _plain(w, x.dtype)
         if ctx.mode == "nvfp4":
             y = _fp4_gemm(nvfp4.quantize(x2), nvfp4.quantize(w, block_2d=True), x.dtype)
@@ -278,8 +282,8 @@ class Recipe:
             elif need_dw:
                 dyq_t = fp8.encode_transpose(dy2, sdy, "e5m2", amax_out)
             if need_dx:
-                wc = self._fp8_weight(w, ctx, dy.dtype)
-                dx = self._fp8_gemm(dyq, "e5m2", sdy_inv, wc.codes_t, "e4m3", wc.scale_inv, dy.dtype)
+                wq_t, w_inv = self._fp8_weight(w, ctx, dy.dtype, transposed=True)
+                dx = self._fp8_gemm(dyq, "e5m2", sdy_inv, wq_t, "e4m3", w_inv, dy.dtype)
             if need_dw:
                 x2 = x.reshape(-1, x.shape[-1])
                 ds = self._delayed_scaling(x.device)  # the forward's scale (updated only after the step)
