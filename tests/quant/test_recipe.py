@@ -275,3 +275,38 @@ def test_fp8_gradient_scaling_delayed_and_current(generator):
     assert torch.equal(results["delayed"][1][2], results["current"][1][2])
     with pytest.raises(ValueError, match="grad_scaling"):
         Recipe("fp8-hybrid", grad_scaling="jit")
+
+
+@pytest.mark.gpu
+def test_fp8_weight_cache_under_cuda_graphs(generator):
+    """A captured forward + backward reads the cached weight codes; after an untracked weight update (as the fused
+    AdamW kernel writes) after_optimizer_step re-quantises them in place, so the replay equals an uncached eager
+    run on the new weights, bit for bit."""
+    x, w, dy = inputs(generator, m=(2, 256), k=512, n=256, dtype=torch.bfloat16, device="cuda")
+    p = torch.nn.Parameter(w.clone())
+    recipe = Recipe("fp8-hybrid", n_layers=1)
+    ctx = recipe.linear("up_proj", 0)
+    out = {}
+
+    def step():
+        out["y"] = recipe.forward(x, p, ctx)
+        out["dx"], out["dw"] = recipe.backward(dy, x, p, ctx)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # creates the cache and the scaling state
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    p.data.mul_(-1.25)  # not seen by the version counter
+    recipe.after_optimizer_step()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = Recipe("fp8-hybrid", n_layers=1, cache_weights=False)
+    ref.load_state_dict(recipe.state_dict())
+    rctx = ref.linear("up_proj", 0)
+    y = ref.forward(x, p, rctx)
+    dx, dw = ref.backward(dy, x, p, rctx)
+    assert torch.equal(out["y"], y) and torch.equal(out["dx"], dx) and torch.equal(out["dw"], dw)

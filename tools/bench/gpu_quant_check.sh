@@ -3,7 +3,7 @@
 # training curves of every recipe / QLoRA mode / 8-bit AdamW, and (optional) the end-to-end Qwen3-4B LoRA step.
 #   bash tools/bench/gpu_quant_check.sh [tests] [fp8] [curves] [sft]     (default: tests fp8 curves)
 # Results under $OUT: pytest_quant_gpu.log, fp8_gemm.csv + bench_fp8_gemm.log, quant_curves.{csv,png} +
-# quant_curves_summary.csv + quant_curves.log, sft.csv + bench_sft.log. Budget on an H100: tests ~1 min, fp8
+# quant_curves_summary.csv + quant_curves.log, sft.csv + bench_sft.log. Budget on an H100: tests ~2 min, fp8
 # ~1 min, curves ~3 min, sft ~2 min.
 set -u
 cd "$(dirname "$0")/../.."
@@ -17,7 +17,8 @@ rc=0
 for s in $sections; do
   case $s in
     tests)
-      timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/quant/test_fp8.py tests/quant/test_recipe.py \
+      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/quant/test_fp8.py tests/quant/test_recipe.py \
+        tests/models/test_models_recipes.py \
         2>&1 | tee "$OUT/pytest_quant_gpu.log"
       r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && [ "$r" -ne 5 ] && rc=$r ;;
     fp8)
