@@ -1,7 +1,8 @@
 """Kill at step N and resume with a low-precision recipe: the recipe's state (fp8-hybrid's amax histories and delayed
-scales, nvfp4's stochastic-rounding step) travels in the checkpoint (recipe.safetensors), so the resumed run equals
-the uninterrupted one bit for bit on CPU (the recipes' exact emulation path). Without that file the resumed fp8 run
-quantises with fresh scales and drifts: the control below shows the test can fail."""
+scales of the inputs and the gradients, nvfp4's stochastic-rounding step) travels in the checkpoint
+(recipe.safetensors), so the resumed run equals the uninterrupted one bit for bit on CPU (the recipes' exact emulation
+path). Without that file the resumed fp8 run quantises with fresh scales and drifts: the control below shows the test
+can fail."""
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ def test_recipe_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch, recip
     if recipe == "fp8-hybrid":  # 8 quantised linears (2 layers x qkv, o, gate_up, down), history rolled twice
         assert state["amax_history"].shape == (1024, 8) and (state["amax_history"][1:3] > 0).all()
         assert (state["scale"] != 1).all()
+        assert state["grad_amax_history"].shape == (1024, 8) and (state["grad_scale"] != 1).all()  # E5M2 dy
     else:
         assert int(state["seed_step"]) == 2
     monkeypatch.delenv(INTERRUPT_ENV)
