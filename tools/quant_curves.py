@@ -123,9 +123,9 @@ def train_once(name: str, overrides: list[str], work: Path, steps: int, common: 
 
 
 def run_curves(work: Path, *, steps: int, lora_steps: int, base_steps: int, modes: list[Mode] = MODES,
-               common: list[str] = ()) -> tuple[list[Result], str]:
+               common: list[str] = (), on_result=None) -> tuple[list[Result], str]:
     """Train every mode; -> (results in MODES order, device name). `common`: overrides for every run (tests use
-    short rows)."""
+    short rows); on_result(results so far, device) after each mode (the outputs survive a time limit)."""
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -147,6 +147,8 @@ def run_curves(work: Path, *, steps: int, lora_steps: int, base_steps: int, mode
         if tokenized is None and not skipped:
             tokenized = work / mode.name / "tokenized"
         results.append(Result(mode, losses, lrs, seconds, skipped))
+        if on_result is not None:
+            on_result(results, device)
     return results, device
 
 
@@ -246,10 +248,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown modes {sorted(unknown)}; choose from {[m.name for m in MODES]}")
         families = {m.family for m in MODES if m.name in wanted}
         modes = [m for m in MODES if m.name in wanted or (m.reference and m.family in families)]
+    def write(results, device):
+        write_outputs(results, summarize(results, args.tail, args.abs_margin, args.rel_margin), device,
+                      Path(args.out_dir), args.tail)
+
     results, device = run_curves(Path(args.work), steps=args.steps, lora_steps=args.lora_steps,
-                                 base_steps=args.base_steps, modes=modes)
+                                 base_steps=args.base_steps, modes=modes, on_result=write)
     summary = summarize(results, args.tail, args.abs_margin, args.rel_margin)
-    write_outputs(results, summary, device, Path(args.out_dir), args.tail)
     print(f"\nquant curves on {device} (final = mean loss of the last {args.tail} steps; pass: final <= reference "
           f"final + max({args.abs_margin}, {args.rel_margin} x reference final))")
     for row in summary:
