@@ -375,11 +375,15 @@ class Recipe:
                 gemm = "torch._scaled_mm (cuBLASLt FP8 tensor cores; dims not multiples of 16 fall back to emulation)"
             else:
                 gemm = "exact emulation (fp32 matmul of the FP8 values times the inverse scales)"
+            delayed, jit = ("activations and gradients", "weights") if self.grad_scaling == "delayed" else (
+                "activations", "weights and gradients")
+            cache = ("; weights quantised once per optimizer step and cached in both GEMM layouts (+2 bytes per "
+                     "quantised weight; QLoRA bases excepted)") if self.cache_weights else ""
             return (
                 f"recipe fp8-hybrid on {where}: forward E4M3 x E4M3, dgrad/wgrad E5M2 gradients x E4M3; "
-                f"delayed scaling for activations (amax history {self.amax_history_len}, margin {self.margin}), "
-                f"just-in-time per-tensor scales for weights and gradients; GEMMs: {gemm}; lm_head and embeddings "
-                f"in BF16{skip}; {layers}."
+                f"delayed scaling for {delayed} (amax history {self.amax_history_len}, margin {self.margin}), "
+                f"just-in-time per-tensor scales for {jit}{cache}; GEMMs: {gemm}; lm_head and embeddings in "
+                f"BF16{skip}; {layers}."
             )
         return (
             f"recipe nvfp4 on {where}: E2M1 values, 16-value blocks with E4M3 scales and an FP32 global scale "
