@@ -196,9 +196,19 @@ def check_kernels(fmt, dtype, generator, device, n=4000, shape=(37, 45)):
     assert amax.item() == x2.float().abs().max().item()
 
 
-def check_vectorised_bf16(fmt, generator, device, n):
-    """BF16 inputs with a size divisible by 4 take the 4-at-a-time kernel (8-byte loads): the same codes and amax,
-    also from an offset view (8-byte aligned) and into a given buffer; a misaligned view takes the scalar kernel."""
+def check_vectorised_bf16(fmt, generator, device, n, shape=(68, 132)):
+    """BF16 inputs with a size divisible by 4 take the 4-at-a-time kernels (8-byte loads): the same codes and amax,
+    also from an offset view (8-byte aligned) and into a given buffer; a misaligned view takes the scalar kernel.
+    The transposing kernels with both dims divisible by 4 (64x64 tiles, partial at the edges) likewise."""
+    x2 = (torch.randn(*shape, generator=generator) * 50).bfloat16()
+    x2[3, 5], x2[shape[0] - 1, shape[1] - 2] = 1e6, -float("inf")  # saturation
+    want = fp8.reference_encode(x2, 0.37, fmt)
+    amax = torch.zeros(1, device=device)
+    codes, codes_t = fp8.encode_both_kernel(x2.to(device), torch.tensor([0.37], device=device), fmt, amax)
+    assert torch.equal(codes.cpu(), want) and torch.equal(codes_t.cpu(), want.t())
+    assert amax.item() == float("inf")
+    got_t = fp8.encode_transpose_kernel(x2[:, 4:].to(device), torch.tensor([0.37], device=device), fmt)
+    assert torch.equal(got_t.cpu(), want[:, 4:].t())  # a strided input: made contiguous first
     x = special_inputs(fmt, n, generator)
     x = torch.cat([x, torch.randn(-x.numel() % 4 + 8, generator=generator)]).bfloat16()
     scale = torch.tensor([0.37])
@@ -231,7 +241,7 @@ def test_vectorised_bf16_encode_in_simulator(fmt, generator):
 def test_kernels_on_gpu(fmt, dtype, generator):
     check_kernels(fmt, dtype, generator, "cuda", n=1 << 22, shape=(4096, 4099))
     if dtype == torch.bfloat16:
-        check_vectorised_bf16(fmt, generator, "cuda", n=1 << 22)
+        check_vectorised_bf16(fmt, generator, "cuda", n=1 << 22, shape=(2052, 4100))
 
 
 @pytest.mark.gpu

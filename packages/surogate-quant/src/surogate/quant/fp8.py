@@ -13,7 +13,9 @@ Numerics:
 Shapes: any shape for encode/decode (flattened); encode_transpose takes 2-D [R, C] and returns codes [C, R]
 (the column-major operand of the wgrad GEMM); encode_both returns both layouts from one read of x (a gradient
 feeding dgrad and wgrad, a weight cached for forward and dgrad). BF16 inputs whose size is a multiple of 4 are
-encoded four at a time (one 8-byte load, one 4-byte store per thread): the same codes, fewer memory transactions.
+encoded four at a time (one 8-byte load, one 4-byte store per thread): the same codes, fewer memory transactions;
+the transposing kernels do the same for BF16 [R, C] with R and C multiples of 4 (64x64 tiles through shared memory,
+8-byte loads of 4 values, 4-byte stores of 4 codes on both sides).
 `out` / `out_t` arguments write into given uint8 buffers (cached weights are re-encoded in place, so CUDA graphs
 that read them stay valid). Scales are Python floats or fp32 tensors with one element (device
 tensors keep the step free of host syncs).
@@ -58,6 +60,8 @@ NAN_CODE = 0x7F  # | sign << 7, in both formats
 THREADS = 256
 TILE = 32  # encode_transpose tile edge
 TILE_PAD = TILE + 1  # shared-memory row pitch: column reads hit 32 different banks
+WTILE = 64  # the BF16 word kernel's tile edge: 16 words of 4 values per tile row
+WTILE_PAD = WTILE + 1
 
 
 def get_format(fmt: str) -> Fp8Format:
@@ -155,6 +159,59 @@ def _make_encode_bf16x4(encode):
     return fp8_encode_bf16x4
 
 
+def _make_encode_transpose_bf16x4(encode):
+    def fp8_encode_transpose_bf16x4(x4, scale, codes4, codes_t4, amax, track_amax, write_codes):
+        """BF16 x [R, C] viewed as int64 words x4 [R, C/4] -> codes_t4 [C, R/4] (int32 words of 4 codes) and, when
+        write_codes, codes4 [R, C/4]; one 64x64 tile per block of 256 threads: 16 threads per tile row load its
+        16 words (8-byte loads), then 16 threads per output row each pack 4 codes of a tile column (4-byte
+        stores). R and C are multiples of 4."""
+        tile = cuda.shared.array((WTILE, WTILE_PAD), float32)
+        tid = cuda.threadIdx.x
+        lane = tid % 16
+        row0 = cuda.blockIdx.y * WTILE
+        col0 = cuda.blockIdx.x * WTILE
+        s = scale[0]
+        m = float32(0.0)
+        for p in range(4):
+            r = tid // 16 + 16 * p
+            gr = row0 + r
+            gw = col0 // 4 + lane
+            if gr < x4.shape[0] and gw < x4.shape[1]:
+                w = x4[gr, gw]
+                packed = 0
+                for q in range(4):
+                    v = bits_f32(((w >> (16 * q)) & 0xFFFF) << 16)
+                    tile[r, 4 * lane + q] = v
+                    if write_codes != 0:
+                        packed |= encode(v, s) << (8 * q)
+                    av = abs(v)
+                    if av > m:
+                        m = av
+                if write_codes != 0:
+                    if packed >= 0x80000000:
+                        packed -= 0x100000000
+                    codes4[gr, gw] = packed
+        cuda.syncthreads()
+        for p in range(4):
+            c = tid // 16 + 16 * p  # tile column = output row
+            gr = col0 + c
+            gw = row0 // 4 + lane
+            if gr < codes_t4.shape[0] and gw < codes_t4.shape[1]:
+                packed = 0
+                for q in range(4):
+                    packed |= encode(tile[4 * lane + q, c], s) << (8 * q)
+                if packed >= 0x80000000:
+                    packed -= 0x100000000
+                codes_t4[gr, gw] = packed
+        if track_amax != 0:
+            scratch = cuda.shared.array(REDUCE_SLOTS, float32)
+            m = block_max(m, scratch)
+            if tid == 0:
+                cuda.atomic.max(amax, 0, m)
+
+    return fp8_encode_transpose_bf16x4
+
+
 def _make_decode(decode, store):
     def fp8_decode(codes, scale, out):
         s = scale[0]
@@ -223,6 +280,12 @@ _encode_transpose = _build(
     "fp8_encode_transpose",
     True,
 )
+_encode_transpose_bf16x4 = {
+    fmt: Kernel(_make_encode_transpose_bf16x4(encode),
+                "void(int64[:, ::1], float32[::1], int32[:, ::1], int32[:, ::1], float32[::1], int32, int32)",
+                f"fp8_encode_transpose_bf16x4[{fmt}]")
+    for fmt, (encode, _) in _CODECS.items()
+}
 _encode_bf16x4 = {
     fmt: Kernel(_make_encode_bf16x4(encode), "void(int64[::1], float32[::1], int32[::1], float32[::1], int32)",
                 f"fp8_encode_bf16x4[{fmt}]")
@@ -312,7 +375,14 @@ def _transpose_launch(x, scale, fmt, amax_out, out, out_t, both: bool):
     codes_t = _out_codes(out_t, (cols, rows), x.device)
     codes = _out_codes(out, (rows, cols), x.device) if both else codes_t.view(rows, cols)  # unused when not both
     amax, track = _amax_arg(amax_out, x.device)
-    if x.numel():
+    words = (x.dtype == torch.bfloat16 and rows % 4 == 0 and cols % 4 == 0 and x.data_ptr() % 8 == 0
+             and codes.data_ptr() % 4 == 0 and codes_t.data_ptr() % 4 == 0)
+    if x.numel() and words:  # 8-byte loads, 4-byte stores
+        grid = (ceil_div(cols, WTILE), ceil_div(rows, WTILE))
+        _encode_transpose_bf16x4[fmt].launch(grid, THREADS, (
+            x.view(torch.int64), _scale_tensor(scale, x.device), codes.view(torch.int32) if both else
+            codes_t.view(torch.int32).view(rows, cols // 4), codes_t.view(torch.int32), amax, track, int(both)))
+    elif x.numel():
         grid = (ceil_div(cols, TILE), ceil_div(rows, TILE))
         _encode_transpose[fmt, x.dtype].launch(
             grid, THREADS, (x, _scale_tensor(scale, x.device), codes, codes_t, amax, track, int(both)))
