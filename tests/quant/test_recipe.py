@@ -310,3 +310,23 @@ def test_fp8_weight_cache_under_cuda_graphs(generator):
     y = ref.forward(x, p, rctx)
     dx, dw = ref.backward(dy, x, p, rctx)
     assert torch.equal(out["y"], y) and torch.equal(out["dx"], dx) and torch.equal(out["dw"], dw)
+
+
+def test_scaled_mm_gets_16_byte_aligned_scales(generator, monkeypatch):
+    """cuBLASLt refuses FP8 GEMMs whose scale pointers are not 16-byte aligned; the delayed-scaling slots are views
+    at 4-byte steps into one vector. Every scale handed to torch._scaled_mm, for every slot, forward and backward,
+    must be aligned (checked by wrapping torch._scaled_mm; the CPU implementation computes the product)."""
+    real = torch._scaled_mm
+    seen = []
+
+    def checking_scaled_mm(a, b, *, scale_a, scale_b, **kw):
+        seen.append((scale_a.data_ptr() % 16, scale_b.data_ptr() % 16))
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", checking_scaled_mm)
+    x, w, dy = inputs(generator)
+    recipe = Recipe("fp8-hybrid", n_layers=2, gemm="scaled_mm")
+    for name in ("q_proj", "o_proj", "up_proj"):
+        for layer in (0, 1):
+            run(recipe, recipe.linear(name, layer), x, w, dy)
+    assert len(seen) == 3 * 2 * 3 and all(s == (0, 0) for s in seen), seen

@@ -326,6 +326,7 @@ class Recipe:
         a_inv = a_scale_inv.reshape(())
         b_inv = b_scale_inv.reshape(())
         if self._use_scaled_mm(a, b_t):
+            a_inv, b_inv = _aligned(a_inv), _aligned(b_inv)
             a8 = a.view(fp8.FORMATS[a_fmt].torch_dtype)
             b8 = b_t.view(fp8.FORMATS[b_fmt].torch_dtype)
             return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype,
@@ -398,6 +399,14 @@ def _plain(w, dtype) -> torch.Tensor:
     if isinstance(w, QuantizedWeight):
         return w.dequantize(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     return w.to(dtype) if w.dtype != dtype else w
+
+
+def _aligned(scale: torch.Tensor) -> torch.Tensor:
+    """A scale for torch._scaled_mm at a 16-byte aligned address. The delayed-scaling slots are views into one fp32
+    vector (slot i sits 4 i bytes in), and cuBLASLt refuses an FP8 GEMM whose scale pointer is not 16-byte aligned
+    (CUBLAS_STATUS_NOT_SUPPORTED, seen on the H100 at the second slot). The address is fixed for a given slot, so
+    the choice is the same in every replay of a captured graph; the copy is one 4-byte kernel."""
+    return scale if scale.data_ptr() % 16 == 0 else scale.clone()
 
 
 def _fp4_gemm(a: nvfp4.NVFP4Tensor, b_t: nvfp4.NVFP4Tensor, out_dtype) -> torch.Tensor:
