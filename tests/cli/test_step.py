@@ -11,13 +11,15 @@ CONFIG = dict(architectures=["Qwen3ForCausalLM"], hidden_size=64, intermediate_s
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100, tie_word_embeddings=True)
 
 
-def micro_batches(generator, n=2, batch=2, seq=16):
+def micro_batches(generator, n=2, batch=2, seq=16, packed=True):
+    """packed: two documents per row (FlashAttention varlen on CUDA); else one per row (cuDNN attention)."""
     out = []
     for _ in range(n):
         ids = torch.randint(0, 100, (batch, seq + 1), generator=generator)
         labels = ids[:, 1:].clone()
         labels[0, :3] = -100
-        position_ids = torch.cat([torch.arange(5), torch.arange(seq - 5)]).expand(batch, seq).contiguous()
+        pos = torch.cat([torch.arange(5), torch.arange(seq - 5)]) if packed else torch.arange(seq)
+        position_ids = pos.expand(batch, seq).contiguous()
         out.append(dict(input_ids=ids[:, :-1].contiguous(), labels=labels, position_ids=position_ids))
     return out
 
@@ -60,7 +62,7 @@ def test_cu_seqlens_bucket_pads_to_a_power_of_two():
     assert cu_seqlens_bucket(torch.arange(4).expand(1, 4)).tolist() == [0, 4]
 
 
-def _gpu_run(lora, graphs, dtype, steps=5):
+def _gpu_run(lora, graphs, dtype, steps=5, packed=True):
     config = dict(CONFIG, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=64, vocab_size=1000)
     model = init_model(config, dtype=dtype, device="cuda", seed=2, lora=LoraConfig(rank=8, alpha=16) if lora else None)
@@ -75,7 +77,7 @@ def _gpu_run(lora, graphs, dtype, steps=5):
     g = torch.Generator().manual_seed(5)
     losses, norms = [], []
     for i in range(1, steps + 1):
-        mbs = micro_batches(g, n=2, seq=64)  # token ids < 100, labels partly -100, two documents per row
+        mbs = micro_batches(g, n=2, seq=64, packed=packed)  # token ids < 100, labels partly -100
         loss_sum, valid, norm = step(mbs, lr=1e-3, step=i)
         losses.append(loss_sum.item() / valid)
         norms.append(norm.item())
@@ -97,13 +99,14 @@ def test_cuda_graphs_equal_eager_on_gpu_fp32(lora):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("lora", [False, True])
-def test_cuda_graphs_equal_eager_on_gpu_bf16(lora):
+def test_cuda_graphs_equal_eager_on_gpu_bf16(lora, packed):
     """bf16 with FlashAttention, whose backward accumulates dq with atomics (not bit-reproducible, and AdamW's first
     steps amplify that noise on small gradients): graphs must differ from eager no more than eager from itself."""
-    l0, n0, p0 = _gpu_run(lora, False, torch.bfloat16)
-    l0b, n0b, p0b = _gpu_run(lora, False, torch.bfloat16)
-    l1, n1, p1 = _gpu_run(lora, True, torch.bfloat16)
+    l0, n0, p0 = _gpu_run(lora, False, torch.bfloat16, packed=packed)
+    l0b, n0b, p0b = _gpu_run(lora, False, torch.bfloat16, packed=packed)
+    l1, n1, p1 = _gpu_run(lora, True, torch.bfloat16, packed=packed)
     noise_l = (l0 - l0b).abs().max().item()
     noise_p = max((a - b).norm().item() for a, b in zip(p0, p0b, strict=True))
     assert (l0 - l1).abs().max().item() <= 4 * noise_l + 2e-3 * l0.abs().max().item(), (l0, l0b, l1)
