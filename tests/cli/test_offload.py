@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 from surogate.cli.offload import Buffer, Streamer
-from surogate.cli.step import ParamGroup, TrainStep, memory_report, param_groups
+from surogate.cli.param_group import ParamGroup, memory_report, param_groups
+from surogate.cli.step import TrainStep
 from surogate.models import LoraConfig, init_model
 
 CONFIG = dict(architectures=["Qwen3ForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from surogate.cli.step import TrainStep, cu_seqlens_bucket, param_groups
+from surogate.cli.param_group import param_groups
+from surogate.cli.step import TrainStep, cu_seqlens_bucket
 from surogate.models import LoraConfig, init_model
 
 CONFIG = dict(architectures=["Qwen3ForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,

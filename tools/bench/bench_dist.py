@@ -43,7 +43,7 @@ def _config(shape: str) -> dict:
 
 
 def run(procs, shape: str, mode: str, args, cuda_graphs: bool) -> dict:
-    from surogate.cli.step import param_groups
+    from surogate.cli.param_group import param_groups
     from surogate.models import LoraConfig, init_model
 
     device = procs.device

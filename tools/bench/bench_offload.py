@@ -116,7 +116,8 @@ def free_everything() -> None:
 
 def run_row(name, mode, variant, method, accum, seq_len, micro_batch, steps, warmup, recompute, chunk):
     """-> dict of measurements. Everything it builds is dropped when it returns."""
-    from surogate.cli.step import TrainStep, memory_report, param_groups
+    from surogate.cli.param_group import memory_report, param_groups
+    from surogate.cli.step import TrainStep
     from surogate.models import LoraConfig, init_model
 
     arch, config = bench_sft.hf_config(name)

@@ -139,7 +139,8 @@ def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16",
     Fills MEMORY: the peak while the random weights were drawn (init only: loading a checkpoint has no fp32 draw),
     weights (after init), + optimizer (after TrainStep: trainable weights' grads, fp32 master, AdamW states), the
     training peak (warm-up, capture, steps) and the offload host buffers; the returned peak is the whole run's."""
-    from surogate.cli.step import TrainStep, param_groups
+    from surogate.cli.param_group import param_groups
+    from surogate.cli.step import TrainStep
     from surogate.models import LoraConfig, init_model
 
     arch, config = hf_config(name)

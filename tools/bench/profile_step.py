@@ -40,7 +40,8 @@ def category(name: str) -> str:
 
 
 def build_step(name: str, mode: str, seq_len: int, micro_batch: int, cuda_graphs: bool, recompute):
-    from surogate.cli.step import TrainStep, param_groups
+    from surogate.cli.param_group import param_groups
+    from surogate.cli.step import TrainStep
     from surogate.models import LoraConfig, init_model
 
     arch, config = hf_config(name)

@@ -263,7 +263,7 @@ def train(cfg: Config, command: str) -> int:
     import torch
 
     from .distributed import Processes, QuietLog, unsupported_launch_processes
-    from .step import memory_report, param_groups
+    from .param_group import memory_report, param_groups
 
     check_supported(cfg, device=_device().type, world_size=unsupported_launch_processes(),
                     model_options=_model_options())

@@ -1,9 +1,10 @@
 """cuDNN attention for rows that are one causal document each (no packing), CUDA bf16/fp16.
 
 Same interface as `_flash.py`: q [tokens, n_q, d], k/v [tokens, n_kv, d] (tokens = batch * seq, row-major) ->
-out [tokens, n_q, d]; the backward's dq, dk, dv are [batch, seq, heads, d] strided views (the caller reshapes). The rows are viewed as [batch, heads, seq, d] (strided views, no copies) and run through
-torch's scaled_dot_product_attention pinned to the cuDNN backend (causal, GQA native). Why: on the H100 cuDNN's
-fused attention is about 2x FlashAttention-2 forward and 1.3x backward (tools/dev/attention_backends.py,
+out [tokens, n_q, d]; the backward's dq, dk, dv are [batch, seq, heads, d] strided views (the caller reshapes).
+The rows are viewed as [batch, heads, seq, d] (strided views, no copies) and run through torch's
+scaled_dot_product_attention pinned to the cuDNN backend (causal, GQA native). Why: on the H100 cuDNN's fused
+attention is about 2x FlashAttention-2 forward and 1.3x backward (tools/dev/attention_backends.py,
 benchmarks/RESULTS.md); FlashAttention-2 varlen stays the path for packed rows (document masking).
 The forward records a small autograd graph on detached views of q, k, v (cuDNN keeps its own output and
 logsumexp in it); the backward replays it with torch.autograd.grad, so the blocks' hand-written backward can call
