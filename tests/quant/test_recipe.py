@@ -330,3 +330,27 @@ def test_scaled_mm_gets_16_byte_aligned_scales(generator, monkeypatch):
         for layer in (0, 1):
             run(recipe, recipe.linear(name, layer), x, w, dy)
     assert len(seen) == 3 * 2 * 3 and all(s == (0, 0) for s in seen), seen
+
+
+def test_nvfp4_dgrad_is_unbiased_across_optimizer_steps(generator):
+    """The NVFP4 dgrad is dequant(SR(dy)) @ dequant(Q2d(W)): averaged over optimizer steps (a new SR seed each) it
+    converges to the GEMM with exact dy and the forward's quantised weight, its error falling like 1 / sqrt(steps).
+    A biased rounding or a seed that does not advance leaves the mean as far off as one draw. Heavy-tailed dy rows
+    (a few tokens with large gradients, most small) as late in training."""
+    x, w, dy = inputs(generator, m=(2, 32), k=64, n=48)
+    dy = dy * torch.exp(2 * torch.randn(2, 32, 1, generator=generator))
+    recipe = Recipe("nvfp4", n_layers=1, seed=7)
+    ctx = recipe.linear("o_proj", 0)
+    wq = nvfp4.dequantize(nvfp4.quantize(w, block_2d=True), torch.float64)
+    target = dy.double().reshape(-1, 48) @ wq
+    k = 64
+    total = torch.zeros_like(target)
+    single = []
+    for _ in range(k):
+        dx = recipe.dgrad(dy, w, ctx).double().reshape(-1, 64)
+        single.append(rel_err(dx, target))
+        total += dx
+        recipe.after_optimizer_step()
+    one = sum(single) / k
+    assert 0.02 < one < 0.3  # SR noise is there ...
+    assert rel_err(total / k, target) < 2.5 * one / k**0.5  # ... and averages out (unbiased: ~one / 8)
