@@ -20,11 +20,13 @@ def float64_truth(logits, targets, grad_scale=1.0):
 
 def assert_loss_close(loss, loss64, logits, targets, name="loss_sum"):
     """loss = sum(lse - x[target]) in fp32: the error scales with the magnitudes subtracted, not with the loss (a
-    single confident row has a loss near 0 and an error of a few ulps of its lse): allow 4 fp32 ulps of each."""
+    single confident row has a loss near 0 and an error of a few ulps of its lse): allow 32 fp32 ulps of their sum
+    (torch's fp32 logsumexp + subtraction: worst 20 ulps measured over 20,000 draws of 1 row x 3 classes; 2e-6
+    relative, still 5x tighter than the fp32 tolerance)."""
     x = logits.double().cpu()
     valid = targets.cpu() != IGNORE
     terms = torch.logsumexp(x, -1).abs() + x.gather(1, targets.cpu().clamp(min=0)[:, None])[:, 0].abs()
-    bound = 4 * 2.0**-24 * terms[valid].sum().item() + 1e-30
+    bound = 32 * 2.0**-24 * terms[valid].sum().item() + 1e-30
     assert abs(loss.item() - loss64.item()) <= bound, f"{name}: {loss.item()} vs {loss64.item()} (bound {bound:.2e})"
 
 
