@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import QUICKSTART, write_jsonl
+
 from surogate.cli.app import main
 
 CHAT = {"messages": [{"role": "user", "content": "Reverse the letters: abc"},

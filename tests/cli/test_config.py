@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+
 from surogate.cli.config import Config, check_supported, describe_keys, load_config, write_resolved
 from surogate.cli.errors import ConfigError, NotSupportedYet
 

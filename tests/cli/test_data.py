@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from conftest import LLAMA3_SPECIALS, make_tokenizer_dir, write_jsonl
+
 from surogate.cli.config import Config, DatasetConfig
 from surogate.cli.data import IGNORE, prepare
 from surogate.cli.data.chat import FALLBACK_TEMPLATES, ChatTemplate, TemplateRenderError

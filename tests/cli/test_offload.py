@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+
 from surogate.cli.offload import Buffer, Streamer
 from surogate.cli.param_group import ParamGroup, memory_report, param_groups
 from surogate.cli.step import TrainStep

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from surogate.cli.config import Config
 from surogate.cli.schedule import lr_at
 

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+
 from surogate.cli.param_group import param_groups
 from surogate.cli.step import TrainStep, cu_seqlens_bucket
 from surogate.models import LoraConfig, init_model

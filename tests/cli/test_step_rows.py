@@ -3,6 +3,7 @@ every row) go to the model without position ids and cu_seqlens (dense causal att
 packed (cu_seqlens buckets, FlashAttention varlen)."""
 
 import torch
+
 from surogate.cli.step import ROWS_BUCKET, cu_seqlens_bucket, rows_are_documents
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import yaml
+
 from surogate.cli.app import main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,6 +4,7 @@ states offloaded (and the master too) a killed run resumes exactly from its chec
 import torch
 from cli_runs import metrics, run, write_config
 from safetensors.torch import load_file
+
 from surogate.cli.train import INTERRUPT_ENV
 
 # Measured on this configuration (30 steps, lr 3e-3 cosine, full fine-tune, fp32 weights, 2026-11-27): the 8-bit

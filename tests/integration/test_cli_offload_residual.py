@@ -3,6 +3,7 @@ the losses and grad norms of recompute_block alone; without recompute_block it i
 
 import pytest
 from cli_runs import metrics, run, write_config
+
 from surogate.cli.config import check_supported, load_config
 from surogate.models._offload import OffloadBuffers
 

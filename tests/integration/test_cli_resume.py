@@ -5,6 +5,7 @@ import pytest
 import torch
 from cli_runs import metrics, run, write_config
 from safetensors.torch import load_file
+
 from surogate.cli.train import INTERRUPT_ENV
 
 # LoRA with dropout: the resumed run must also restore the RNG to draw the same dropout masks

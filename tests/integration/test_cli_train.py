@@ -6,6 +6,7 @@ import pytest
 import torch
 from cli_runs import MODEL, metrics, run, write_config
 from safetensors.torch import load_file
+
 from surogate.models import load_pretrained
 
 transformers = pytest.importorskip("transformers")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from cli_runs import metrics, run, write_config
 from safetensors.torch import load_file
+
 from surogate.cli.train import INTERRUPT_ENV
 
 RUN = dict(max_steps=5, save_steps=2, eval_steps=0, eval_exact_match_samples=0, gradient_accumulation_steps=2)

@@ -135,7 +135,7 @@ def test_step_replays_in_a_cuda_graph(generator):
         adamw.reference_update(*expected[:1], grads, *expected[1:], lr=LR / t, step=t,
                                grad_scale=clip_scale(grads.norm(), 100.0), **HYPER)
     torch.cuda.synchronize()
-    for got, want, name in zip((params, m, v), expected, ("params", "exp_avg", "exp_avg_sq")):
+    for got, want, name in zip((params, m, v), expected, ("params", "exp_avg", "exp_avg_sq"), strict=True):
         assert_close(got, want, torch.float32, name)
     assert torch.equal(work, params.to(torch.bfloat16))
     assert math.isfinite(params.sum().item())

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from surogate.kernels import fused_add_rms_norm_backward, fused_add_rms_norm_forward
 from surogate.kernels.ops import fused_add_rms_norm
 from surogate.kernels.testing import assert_close, randn

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from surogate.kernels import qk_norm_rope_backward, qk_norm_rope_forward, rope_inv_freq
 from surogate.kernels.ops import qk_norm_rope
 from surogate.kernels.testing import assert_close, randn

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from surogate.kernels.ops import rms_norm
 from surogate.kernels.testing import assert_close, randn
 from surogate.kernels.torch import RMSNorm

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from numba import cuda
+
 from surogate.kernels import rope_backward, rope_forward, rope_inv_freq
 from surogate.kernels.ops import rope
 from surogate.kernels.testing import assert_close, randn

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from surogate.kernels import swiglu_backward, swiglu_forward
 from surogate.kernels.ops import swiglu
 from surogate.kernels.testing import assert_close, randn

@@ -3,6 +3,7 @@ autograd: causal, block-diagonal over packed documents, GQA; the FlashAttention 
 
 import torch
 import torch.nn.functional as F
+
 from surogate.kernels.testing import rel_err
 from surogate.models.blocks import _reference_attention
 from surogate.models.blocks._documents import build_documents, document_starts

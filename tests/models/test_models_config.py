@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
-from surogate.models import ModelConfig, ModelError
 from tiny_hf import CONFIGS, LLAMA3_ROPE, hf_model
+
+from surogate.models import ModelConfig, ModelError
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

@@ -4,11 +4,12 @@ logits and every gradient within bf16 rounding, and the CPU fp32 truth within th
 
 import pytest
 import torch
+from tiny_hf import hf_model
+
 from surogate.kernels.testing import rel_err
 from surogate.models import LoraConfig, load_pretrained
 from surogate.models.blocks import _cudnn
 from surogate.models.blocks._documents import build_documents
-from tiny_hf import hf_model
 
 BF16_TOL = 2e-2
 

@@ -4,12 +4,13 @@ given; the model forced onto that path must still match transformers. The real k
 
 import pytest
 import torch
+from tiny_hf import compare_grads, hf_model, hf_reference, packed_inputs
+
 from surogate.kernels.testing import rel_err
 from surogate.models import load_pretrained
 from surogate.models.blocks import _reference_attention
 from surogate.models.blocks._documents import Documents
 from surogate.models.model import CausalLM
-from tiny_hf import compare_grads, hf_model, hf_reference, packed_inputs
 
 
 def _documents(cu, tokens, max_seqlen):

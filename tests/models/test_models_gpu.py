@@ -10,9 +10,10 @@ import time
 
 import pytest
 import torch
+from tiny_hf import hf_model, packed_inputs, split_grads
+
 from surogate.kernels.testing import rel_err
 from surogate.models import LoraConfig, load_pretrained
-from tiny_hf import hf_model, packed_inputs, split_grads
 
 pytestmark = pytest.mark.gpu
 BF16_TOL = 2e-2

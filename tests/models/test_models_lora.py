@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from tiny_hf import hf_model, hf_reference, packed_inputs
+
 from surogate.kernels.testing import rel_err
 from surogate.models import LoraConfig, ModelError, load_pretrained
 from surogate.models.blocks._projection import Lora, projection_backward, projection_forward
-from tiny_hf import hf_model, hf_reference, packed_inputs
 
 TOL = 1e-4
 

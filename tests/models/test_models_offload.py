@@ -5,9 +5,10 @@ one layer's tensors, not one per layer; misuse is a clear ModelError."""
 
 import pytest
 import torch
+from tiny_hf import hf_model, packed_inputs
+
 from surogate.kernels.testing import rel_err
 from surogate.models import LoraConfig, ModelError, init_model, load_pretrained
-from tiny_hf import hf_model, packed_inputs
 
 LAYERS = 4
 

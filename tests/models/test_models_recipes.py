@@ -13,10 +13,11 @@ on those maxima, and a lower bound checks the recipe really quantised (bf16 alon
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_hf import CONFIGS, hf_model, packed_inputs
+
 from surogate.kernels.testing import rel_err
 from surogate.models import LoraConfig, ModelError, init_model, load_pretrained
 from surogate.quant import QuantizedWeight, Recipe
-from tiny_hf import CONFIGS, hf_model, packed_inputs
 
 # recipe -> (loss, logits, all gradients) upper bounds, and the least logits error that proves quantisation ran
 MARGINS = {"fp8-hybrid": ((0.01, 0.15, 0.28), 0.03), "nvfp4": ((0.025, 0.55, 0.8), 0.12)}

@@ -5,9 +5,10 @@ import itertools
 
 import pytest
 import torch
+from tiny_hf import hf_model, packed_inputs
+
 from surogate.models import LoraConfig, ModelError, load_pretrained
 from surogate.models._recompute import Recompute
-from tiny_hf import hf_model, packed_inputs
 
 FLAGS = ("block", "att", "ffn", "qkv", "swiglu", "rmsnorm")
 

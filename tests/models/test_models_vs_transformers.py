@@ -3,9 +3,10 @@ on whole rows and on packed rows (transformers runs each document separately).""
 
 import pytest
 import torch
+from tiny_hf import LLAMA3_ROPE, compare_grads, hf_model, hf_reference, packed_inputs
+
 from surogate.kernels.testing import rel_err
 from surogate.models import load_pretrained
-from tiny_hf import LLAMA3_ROPE, compare_grads, hf_model, hf_reference, packed_inputs
 
 TOL = 1e-4
 ROWS = {"whole rows": [[24], [24]], "packed": [[5, 11, 8], [1, 23]]}

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_hf import hf_model, packed_inputs
+
 from surogate.kernels.testing import rel_err
 from surogate.models import ModelError, load_pretrained
-from tiny_hf import hf_model, packed_inputs
 
 
 def _tensors(folder):

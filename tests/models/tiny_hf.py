@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from surogate.kernels.testing import rel_err
 from surogate.models import weights
 

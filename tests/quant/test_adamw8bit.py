@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+
 from surogate.quant import dynamic8
 from surogate.quant.optim import AdamW8bit, AdamW8bitState, adamw8bit_step
 from surogate.quant.optim import adamw8bit as impl

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from surogate.quant import fp8
 
 FORMATS = ["e4m3", "e5m2"]

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from surogate.quant import dynamic8, nf4
 
 # Half the widest gap of the NF4 table (between 0.7229568 and 1.0): the largest rounding error relative to absmax.

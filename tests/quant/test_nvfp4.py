@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from surogate.quant import fp8, nvfp4
 
 GRID = torch.tensor(nvfp4.E2M1_GRID, dtype=torch.float64)

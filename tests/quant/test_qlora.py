@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from surogate.quant import fp8_block
 from surogate.quant.qlora import QuantizedWeight, memory_report
 

@@ -5,6 +5,7 @@ import importlib
 import pkgutil
 
 import pytest
+
 import surogate.quant as quant_package
 from surogate.kernels import Kernel
 

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+
 from surogate.kernels.testing import assert_close, rel_err
 from surogate.quant import fp8, nvfp4
 from surogate.quant.qlora import QuantizedWeight

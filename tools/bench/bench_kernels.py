@@ -8,9 +8,7 @@ Usage: python tools/bench/bench_kernels.py [--ops rms_norm,...] [--out benchmark
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import importlib
 import os
 import sys
 
@@ -18,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import append_rows, copy_bandwidth_gbs, graph_ms, median_ms, queued_ms  # noqa: E402
+
 
 # Inputs are drawn on the CPU and moved: a capture that fails (some peer code) leaves torch's CUDA generator unusable.
 def _randn(*shape, device="cpu", dtype=torch.float32):
@@ -50,7 +49,8 @@ def bench_rms_norm(dtype):
         bwd_bytes = 3 * x.numel() * esize + ROWS * 4 + hidden * esize * 2
         cases = {
             "surogate": (lambda: rms_norm.forward(x, w, 1e-6), lambda: rms_norm.backward(dy, x, w, rstd)),
-            "torch": (lambda: rms_norm.reference_forward(x, w, 1e-6), lambda: rms_norm.reference_backward(dy, x, w, rstd)),
+            "torch": (lambda: rms_norm.reference_forward(x, w, 1e-6), lambda: rms_norm.reference_backward(dy, x, w,
+                      rstd)),
         }
         try:
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -208,7 +208,8 @@ def bench_bias_grad(dtype):
     from surogate.kernels import bias_grad
 
     rows_out = []
-    for model, n_cols in {"qwen2-0.5b": 896 + 2 * 128, "qwen2-1.5b": 1536 + 2 * 256, "qwen2-7b": 3584 + 2 * 512}.items():
+    for model, n_cols in {"qwen2-0.5b": 896 + 2 * 128, "qwen2-1.5b": 1536 + 2 * 256,
+        "qwen2-7b": 3584 + 2 * 512}.items():
         dy = _randn(ROWS, n_cols, device="cuda", dtype=dtype)
         nbytes = dy.numel() * dy.element_size()
         for provider, fn in (("surogate", lambda: bias_grad(dy)), ("torch", lambda: dy.sum(0))):

@@ -9,7 +9,6 @@ Usage: python tools/bench/bench_quant.py [--only kernels,adamw,gemms] [--out ben
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys

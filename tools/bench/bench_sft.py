@@ -20,31 +20,35 @@ import gc
 import os
 import shlex
 import sys
-import tempfile
 import time
 
 import torch
 
 # Hugging Face config.json contents of the benchmark shapes (random weights are generated from these).
 SHAPES = {
-    "qwen3-0.6b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    "qwen3-0.6b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                        tie_word_embeddings=True),
-    "qwen3-1.7b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+    "qwen3-1.7b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=2048, intermediate_size=6144,
+                       num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                        tie_word_embeddings=True),
     "qwen3-4b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                      tie_word_embeddings=True),
-    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                      tie_word_embeddings=False),
-    "llama-3.2-1b": dict(architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    "llama-3.2-1b": dict(architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                          tie_word_embeddings=True, rope_theta=500000.0,
                          rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=8192)),
-    "llama-3.2-3b": dict(architectures=["LlamaForCausalLM"], hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+    "llama-3.2-3b": dict(architectures=["LlamaForCausalLM"], hidden_size=3072, intermediate_size=8192,
+                         num_hidden_layers=28,
                          num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
                          tie_word_embeddings=True, rope_theta=500000.0,
                          rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -98,7 +102,8 @@ def run_hf(name, mode, seq_len, micro_batch, steps, warmup, liger=False, checkpo
     if liger:
         import liger_kernel.transformers as lk
 
-        apply = {"Qwen3ForCausalLM": lk.apply_liger_kernel_to_qwen3, "LlamaForCausalLM": lk.apply_liger_kernel_to_llama}[arch]
+        apply = {"Qwen3ForCausalLM": lk.apply_liger_kernel_to_qwen3,
+            "LlamaForCausalLM": lk.apply_liger_kernel_to_llama}[arch]
         apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
     model_cls = getattr(transformers, arch)
     with torch.device("cuda"):
@@ -215,7 +220,8 @@ def main():
     gpu = torch.cuda.get_device_name()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     rows = []
-    print(f"# {gpu}; seq_len {args.seq_len}, micro-batch {args.micro_batch}; {args.steps} timed steps after {args.warmup}")
+    print(f"# {gpu}; seq_len {args.seq_len}, micro-batch {args.micro_batch}; "
+          f"{args.steps} timed steps after {args.warmup}")
     print(f"{'framework':21} {'model':13} {'mode':5} {'recipe':11} {'tok/s':>9} {'step ms':>8} {'peak GiB':>8} "
           f"{'MFU':>6}  loss")
     for name in args.models.split(","):

@@ -22,8 +22,10 @@ exact = torch.tensor(starts + [T], device="cuda", dtype=torch.int32)
 
 
 def fwd_bwd(cu):
-    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, 2048, 2048, 0.0, True, False, scale=D**-0.5)
-    torch.ops.aten._flash_attention_backward(out, q, k, v, out, lse, cu, cu, 2048, 2048, 0.0, True, rng, unused, scale=D**-0.5)
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, 2048, 2048, 0.0, True,
+        False, scale=D**-0.5)
+    torch.ops.aten._flash_attention_backward(out, q, k, v, out, lse, cu, cu, 2048, 2048, 0.0, True, rng, unused,
+                                             scale=D**-0.5)
     return out
 
 

@@ -43,6 +43,7 @@ import os
 from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
+
 from surogate.kernels import adamw_step, clip_scale
 
 from .errors import NotSupportedYet, UserError

@@ -41,6 +41,7 @@ def run(args) -> int:
                         fix="choose a new output folder, or delete this one")
 
     import torch
+
     from surogate.models import ModelConfig, load_pretrained
 
     from .data.tokenizer import TOKENIZER_FILES

@@ -47,8 +47,9 @@ def host_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tuple[t
         t = torch.zeros(numel, dtype=dtype)
         return t, t, None
     import numpy as np
-    import surogate.kernels  # noqa: F401  (applies the numba shims before numba.cuda is imported)
     from numba import cuda
+
+    import surogate.kernels  # noqa: F401  (applies the numba shims before numba.cuda is imported)
 
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     cuda.select_device(device.index if device.index is not None else torch.cuda.current_device())

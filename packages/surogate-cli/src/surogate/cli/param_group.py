@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from surogate.kernels import adamw_step
 from surogate.quant.optim.adamw8bit import (
     BLOCK,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+
 from surogate.kernels import clip_scale, global_grad_norm
 
 from .param_group import ParamGroup

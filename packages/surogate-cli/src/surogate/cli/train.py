@@ -156,6 +156,7 @@ def _model_options() -> frozenset:
 
 def _load_model(cfg: Config, device):
     import torch
+
     from surogate.models import LoraConfig, load_pretrained
 
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,

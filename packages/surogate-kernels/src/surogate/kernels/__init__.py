@@ -13,8 +13,8 @@ from .ops.cross_entropy import cross_entropy_forward_backward, cross_entropy_los
 from .ops.embedding import embedding_backward, embedding_forward
 from .ops.fused_add_rms_norm import fused_add_rms_norm_backward, fused_add_rms_norm_forward
 from .ops.fused_linear_cross_entropy import fused_linear_cross_entropy
-from .ops.rms_norm import rms_norm_backward, rms_norm_forward
 from .ops.qk_norm_rope import qk_norm_rope_backward, qk_norm_rope_forward
+from .ops.rms_norm import rms_norm_backward, rms_norm_forward
 from .ops.rope import rope_backward, rope_forward, rope_inv_freq
 from .ops.swiglu import swiglu_backward, swiglu_forward
 

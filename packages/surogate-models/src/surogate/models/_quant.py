@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from surogate.quant import RECIPES, QuantizedWeight, Recipe
 
 from ._errors import ModelError

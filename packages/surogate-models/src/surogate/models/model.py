@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from surogate.quant import QuantizedWeight, Recipe
 from torch import nn
+
+from surogate.quant import QuantizedWeight, Recipe
 
 from . import _ops, _quant, weights
 from ._errors import ModelError

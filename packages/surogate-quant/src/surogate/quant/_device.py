@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numba import float32, int64, uint64
+
 from surogate.kernels._runtime import SIMULATOR, device_function
 
 if SIMULATOR:

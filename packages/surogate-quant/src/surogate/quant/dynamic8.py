@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from surogate.kernels._runtime import device_function
 
 MAX_EXPONENT_BITS = 7

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from numba import cuda, float32
+
 from surogate.kernels._runtime import (
     ELEMENT_TYPES,
     REDUCE_SLOTS,

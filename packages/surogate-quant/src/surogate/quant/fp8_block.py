@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from numba import cuda, float32
+
 from surogate.kernels._runtime import ELEMENT_TYPES, REDUCE_SLOTS, Kernel, block_max, ceil_div, sm_count
 
 from . import fp8

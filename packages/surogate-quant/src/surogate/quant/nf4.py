@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numba import cuda, float32, int32
+
 from surogate.kernels._runtime import ELEMENT_TYPES, Kernel, ceil_div, device_function, f32_to_bf16, sm_count
 
 from . import dynamic8

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numba import cuda, float32, int32, int64
+
 from surogate.kernels._runtime import ELEMENT_TYPES, Kernel, ceil_div, device_function, sm_count
 
 from . import fp8

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from surogate.quant import LinearContext, QuantizedWeight, Recipe
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from numba import cuda, float32
+
 from surogate.kernels._runtime import ELEMENT_TYPES, REDUCE_SLOTS, Kernel, block_max, ceil_div, f32_to_bf16
 
 from .. import dynamic8
