@@ -355,3 +355,30 @@ def test_nvfp4_dgrad_is_unbiased_across_optimizer_steps(generator):
     one = sum(single) / k
     assert 0.02 < one < 0.3  # SR noise is there ...
     assert rel_err(total / k, target) < 2.5 * one / k**0.5  # ... and averages out (unbiased: ~one / 8)
+
+
+def test_scaled_mm_refusal_falls_back_to_emulation(generator, monkeypatch):
+    """If cuBLASLt refuses an FP8 GEMM (CUBLAS_STATUS_NOT_SUPPORTED, outside a graph capture), the recipe warns once
+    and emulates from then on: the same numbers as the emulated recipe. Other errors are raised."""
+    x, w, dy = inputs(generator)
+    ref = Recipe("fp8-hybrid", n_layers=1, gemm="emulate")
+    expected = run(ref, ref.linear("o_proj", 0), x, w, dy)
+
+    def refusing(*args, **kwargs):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refusing)
+    recipe = Recipe("fp8-hybrid", n_layers=1, gemm="scaled_mm")
+    with pytest.warns(UserWarning, match="Falling back to the exact emulation"):
+        got = run(recipe, recipe.linear("o_proj", 0), x, w, dy)
+    assert recipe.gemm == "emulate"
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "_scaled_mm", broken)
+    other = Recipe("fp8-hybrid", n_layers=1, gemm="scaled_mm")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run(other, other.linear("o_proj", 0), x, w, dy)

@@ -33,6 +33,7 @@ quantise that BF16 tensor per their rules).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -329,8 +330,20 @@ class Recipe:
             a_inv, b_inv = _aligned(a_inv), _aligned(b_inv)
             a8 = a.view(fp8.FORMATS[a_fmt].torch_dtype)
             b8 = b_t.view(fp8.FORMATS[b_fmt].torch_dtype)
-            return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype,
-                                    use_fast_accum=fast_accum)
+            try:
+                return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype,
+                                        use_fast_accum=fast_accum)
+            except RuntimeError as e:
+                # cuBLASLt refusing a layout is a host-side status (the CUDA context stays usable). Outside a
+                # graph capture (the trainer always runs a step eagerly first), say so once and emulate from now
+                # on: correct numbers, slower GEMMs. Inside a capture, or any other error: raise.
+                capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
+                if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(e) or capturing:
+                    raise
+                warnings.warn(f"fp8-hybrid: cuBLASLt refused an FP8 GEMM ({list(a.shape)} x {list(b_t.shape)}^T, "
+                              f"{a_fmt} x {b_fmt}): {str(e)[:160]}. Falling back to the exact emulation (fp32 "
+                              "matmul of the FP8 values) for this run: correct, but slower than BF16.", stacklevel=2)
+                self.gemm = "emulate"
         av = fp8.decode(a, 1.0, a_fmt, torch.float32)
         bv = fp8.decode(b_t, 1.0, b_fmt, torch.float32)
         return (torch.matmul(av, bv.t()) * (a_inv * b_inv)).to(out_dtype)
