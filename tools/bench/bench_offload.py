@@ -29,7 +29,6 @@ than run over. On an H100, the default set takes about 5 minutes:
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import json
@@ -43,6 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sft  # noqa: E402  (SHAPES, hf_config, make_batches, model_flops_per_token, time_steps)
+from _timing import append_rows  # noqa: E402
 
 VARIANTS = {
     "none": dict(optimizer="adamw"),
@@ -293,15 +293,7 @@ def write(results, args, gpu, command) -> None:
                              tokens_per_s=round(r["tokens_per_s"]) if ok else "oom",
                              step_ms=round(r["step_s"] * 1e3, 2) if ok else "",
                              peak_gib=round(r["peak_gib"], 2), mfu=mfu, command=command))
-    if not csv_rows:
-        return
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    new = not os.path.exists(args.out)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(csv_rows)
+    append_rows(args.out, csv_rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Usage: python tools/bench/bench_sft.py --models qwen3-0.6b --modes lora,full --f
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import os
@@ -23,6 +22,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import append_rows  # noqa: E402
 
 # Hugging Face config.json contents of the benchmark shapes (random weights are generated from these).
 SHAPES = {
@@ -254,14 +256,7 @@ def main():
                         parts = ", ".join(f"{k} {v:.2f}" for k, v in MEMORY.items())
                         rest = MEMORY["training peak"] - MEMORY["weights+optimizer"]
                         print(f"{'':21} memory GiB: {parts}; activations + transients at the training peak {rest:.2f}")
-    if rows and args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        new = not os.path.exists(args.out)
-        with open(args.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":
