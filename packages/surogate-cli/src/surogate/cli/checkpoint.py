@@ -107,6 +107,18 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder `tmp` to `final` (a sibling). An existing `final` is moved aside first and deleted
+    after, so a crash leaves either the old or the new folder in place, never a half-written one."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
 def save(output_dir: str | Path, step: int, *, optimizer_tensors: dict[str, torch.Tensor], state: dict,
          keep: int, recipe_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`. Returns its folder."""
@@ -127,13 +139,7 @@ def save(output_dir: str | Path, step: int, *, optimizer_tensors: dict[str, torc
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if final.exists():  # the same step written again (a resumed run): move the old one away first
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)  # the same step written again (a resumed run) replaces the old one
     _fsync_dir(root)
     for stale in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)

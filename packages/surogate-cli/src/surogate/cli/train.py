@@ -233,13 +233,7 @@ def _save_final(model, tokenizer: Tokenizer, cfg: Config, out: Path) -> Path:
     else:
         model.save_pretrained(tmp)
     tokenizer.save(tmp)
-    if final.exists():
-        old = out / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    checkpoint.replace_dir(tmp, final)
     return final
 
 
