@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_hf import hf_model, hf_reference, packed_inputs
+from tiny_hf import hf_model, hf_reference, packed_inputs, randomise_lora_b
 
 from surogate.kernels.testing import rel_err
 from surogate.models import LoraConfig, ModelError, load_pretrained
@@ -26,14 +26,6 @@ def folders(tmp_path_factory):
     return out
 
 
-def _randomise_b(model, generator):
-    """Fresh adapters have B = 0 (no effect, zero A gradients): give B values so the comparison can fail."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-
-
 def _peft_names(peft_model):
     return {n.replace("base_model.model.", "").replace(".default", ""): p
             for n, p in peft_model.named_parameters() if "lora_" in n}  # fmt: skip
@@ -49,7 +41,7 @@ def test_adapter_loads_in_peft_with_same_logits_and_grads(arch, lora, folders, g
     from transformers import AutoModelForCausalLM
 
     ours = load_pretrained(folders[arch], dtype=torch.float32, lora=lora)
-    _randomise_b(ours, generator)
+    randomise_lora_b(ours, generator=generator)
     ours.save_adapter(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
@@ -79,7 +71,7 @@ def test_merge_equals_peft_merge_and_unload(folders, generator, tmp_path):
     from transformers import AutoModelForCausalLM
 
     ours = load_pretrained(folders["qwen3"], dtype=torch.float32, lora=LoraConfig(rank=4, alpha=8))
-    _randomise_b(ours, generator)
+    randomise_lora_b(ours, generator=generator)
     ours.save_adapter(tmp_path / "adapter")
     with pytest.raises(ModelError, match="merge_lora"):
         ours.save_pretrained(tmp_path / "unmerged")
@@ -118,7 +110,7 @@ def test_init_frozen_base_and_load_adapter(folders, generator, tmp_path):
     ours.loss(ids, labels, pos).backward()
     assert all(p.grad is None for n, p in ours.named_parameters() if "lora_" not in n)
 
-    _randomise_b(ours, generator)
+    randomise_lora_b(ours, generator=generator)
     ours.save_adapter(tmp_path)
     other = load_pretrained(folders["llama"], dtype=torch.float32, lora=LoraConfig(rank=2))
     other.load_adapter(tmp_path)
@@ -170,7 +162,7 @@ def test_projection_backward_with_dropout_matches_autograd(generator):
 
 def test_dropout_only_in_training(folders, generator):
     ours = load_pretrained(folders["qwen2"], dtype=torch.float32, lora=LoraConfig(rank=4, dropout=0.5))
-    _randomise_b(ours, generator)
+    randomise_lora_b(ours, generator=generator)
     ids, labels, pos, _ = packed_inputs(generator, [[16]])
     ours.eval()
     evaluated = ours.loss(ids, labels, pos).item()

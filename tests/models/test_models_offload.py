@@ -5,7 +5,7 @@ one layer's tensors, not one per layer; misuse is a clear ModelError."""
 
 import pytest
 import torch
-from tiny_hf import hf_model, packed_inputs
+from tiny_hf import hf_model, packed_inputs, randomise_lora_b
 
 from surogate.kernels.testing import rel_err
 from surogate.models import LoraConfig, ModelError, init_model, load_pretrained
@@ -24,10 +24,7 @@ def _model(folder, offload, lora=None, dtype=torch.float32):
     torch.manual_seed(4321)  # same LoRA init and the same dropout masks in every run
     model = load_pretrained(folder, dtype=dtype, lora=lora, recompute="block", offload_residual=offload)
     if lora is not None:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(0.1 * torch.randn(p.shape))
+        randomise_lora_b(model)
     model.train()
     return model
 
@@ -147,11 +144,7 @@ def _gpu_model(config, dtype, lora, offload):
     model = init_model(config, dtype=dtype, device="cuda", seed=3, lora=lora, recompute="block",
                        offload_residual=offload)
     if lora is not None:  # B off zero (seeded: both models get the same adapters)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        randomise_lora_b(model, 0.05, torch.Generator().manual_seed(1))
     model.train()
     return model
 

@@ -13,7 +13,7 @@ on those maxima, and a lower bound checks the recipe really quantised (bf16 alon
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_hf import CONFIGS, hf_model, packed_inputs
+from tiny_hf import CONFIGS, hf_model, packed_inputs, randomise_lora_b
 
 from surogate.kernels.testing import rel_err
 from surogate.models import LoraConfig, ModelError, init_model, load_pretrained
@@ -53,13 +53,8 @@ def _flat(grads: dict) -> torch.Tensor:
     return torch.cat([g.float().reshape(-1) for _, g in sorted(grads.items())])
 
 
-def _randomise_b(model, seed=0):
-    """Fresh adapters have B = 0 (no effect, zero A gradients): give B values so that comparisons can fail."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((0.1 * torch.randn(p.shape, generator=g)).to(p.dtype))
+def _randomise_b(model):
+    randomise_lora_b(model, generator=torch.Generator().manual_seed(0))  # the same B for every model of a test
 
 
 # ------------------------------------------------------------------------------------------------ the default path

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from tiny_hf import hf_model, packed_inputs
+from tiny_hf import hf_model, packed_inputs, randomise_lora_b
 
 from surogate.models import LoraConfig, ModelError, load_pretrained
 from surogate.models._recompute import Recompute
@@ -38,10 +38,7 @@ def _run(folder, spec, inputs, lora=None):
     torch.manual_seed(1234)  # same LoRA init and the same dropout masks in every run
     model = load_pretrained(folder, dtype=torch.float32, lora=lora, recompute=spec)
     if lora is not None:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(0.1 * torch.randn(p.shape))
+        randomise_lora_b(model)
     model.train()
     ids, labels, pos = inputs
     loss = model.loss(ids, labels, pos)

@@ -68,6 +68,14 @@ def split_grads(ours) -> dict[str, torch.Tensor]:
     return out
 
 
+def randomise_lora_b(model, std: float = 0.1, generator=None) -> None:
+    """Fresh adapters have B = 0 (no effect, zero A gradients): give B random values so comparisons can fail."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((std * torch.randn(p.shape, generator=generator)).to(p.dtype))
+
+
 def packed_inputs(generator, lengths_per_row, vocab=128, ignore_frac=0.2):
     """input_ids [B, T], position_ids reset per document, labels with some -100, and the (row, start, end) docs."""
     batch, seq = len(lengths_per_row), sum(lengths_per_row[0])
