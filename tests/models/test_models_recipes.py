@@ -131,15 +131,22 @@ def test_recompute_never_changes_recipe_numbers(recipe, recompute, folders, gene
 
 def test_fp8_scaled_mm_path_matches_emulation_in_the_model(folders, generator):
     """torch._scaled_mm (the H100 path; its CPU implementation here) against the exact emulation: the same FP8
-    products summed in another order (fp32), so equal to fp32 rounding, amplified at most by an occasional
-    activation whose FP8 rounding flips downstream."""
+    products summed in another order (fp32), so equal to fp32 rounding, amplified by an occasional value whose FP8
+    rounding flips downstream. Both run at the same delayed scales (a calibration pass's, copied). Measured over 60
+    seeds: all gradients median 1e-7, but 5 of 60 above 1e-3 and at most 0.043, always led by layer 0 (the end of
+    the dgrad chain, where one flipped E5M2 code, 2 mantissa bits, moves a dominant gradient by up to 25%); logits
+    at most 0.008. Bounds: logits 0.02, all gradients 0.1, and the median parameter's gradient 1e-4."""
     ids, labels, pos = _inputs(generator)
-    outs = [_run(load_pretrained(folders["llama"], dtype=torch.float32, recipe=Recipe("fp8-hybrid", n_layers=2,
-                                                                                      gemm=gemm)), ids, labels, pos)
-            for gemm in ("emulate", "scaled_mm")]  # fmt: skip
-    (loss, logits, grads), (loss2, logits2, grads2) = outs
+    models = [load_pretrained(folders["llama"], dtype=torch.float32, recipe=Recipe("fp8-hybrid", n_layers=2, gemm=gemm))
+              for gemm in ("emulate", "scaled_mm")]  # fmt: skip
+    _run(models[0], *_inputs(generator))
+    models[0].after_optimizer_step()
+    _run(models[1], ids, labels, pos)  # creates the state the copy goes into
+    models[1].load_recipe_state_dict(models[0].recipe_state_dict())
+    (loss, logits, grads), (loss2, logits2, grads2) = (_run(m, ids, labels, pos) for m in models)
     assert abs(loss.item() - loss2.item()) < 1e-5 * loss.item()
-    assert rel_err(logits2, logits) < 1e-3 and rel_err(_flat(grads2), _flat(grads)) < 1e-3
+    assert rel_err(logits2, logits) < 0.02 and rel_err(_flat(grads2), _flat(grads)) < 0.1
+    assert sorted(rel_err(grads2[k], grads[k]) for k in grads)[len(grads) // 2] < 1e-4
 
 
 # ------------------------------------------------------------------------------------------------ recipe state
@@ -148,7 +155,7 @@ def test_fp8_recipe_state_saves_and_restores(folders, generator):
     model = load_pretrained(folders["qwen3"], dtype=torch.float32, recipe="fp8-hybrid")
     assert model.recipe_state_dict() == {}  # created on first use
     for _ in range(2):
-        _run(model, ids, labels, pos)
+        _run(model, *_inputs(generator))  # other batches: their amaxes are not those of the batch below
         model.after_optimizer_step()
     state = model.recipe_state_dict()
     assert state["amax_history"].shape == (1024, 8) and state["scale"].shape == (8,)
@@ -158,7 +165,7 @@ def test_fp8_recipe_state_saves_and_restores(folders, generator):
     fresh = load_pretrained(folders["qwen3"], dtype=torch.float32, recipe="fp8-hybrid")
     a, b, c = (_run(m, ids, labels, pos) for m in (model, resumed, fresh))
     assert torch.equal(a[1], b[1]) and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
-    assert not torch.equal(a[1], c[1])  # scale 1 (a fresh recipe) quantises differently
+    assert not torch.equal(a[1], c[1])  # a fresh recipe calibrates on this batch: other scales
     other = load_pretrained(folders["qwen3"], dtype=torch.float32,
                             recipe=Recipe("fp8-hybrid", n_layers=2, skip_quant_first_layers=1))
     with pytest.raises(ModelError, match="FP8 scales for 8 linear layers, this model has 4"):

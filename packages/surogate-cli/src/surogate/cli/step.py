@@ -10,6 +10,7 @@ that are one document each have their own bucket (no cu_seqlens: dense causal at
 The first run of each graph is eager, on a side stream: it is the warm-up torch needs before a capture (Numba
 compiles, autograd and cuBLAS set up) and also real work, so nothing has to be snapshotted and restored (a snapshot
 of the optimizer buffers would double their memory). The graph is captured on the second run, then replayed.
+(fp8-hybrid: micro-steps stay eager until the first optimizer step has calibrated the delayed scales.)
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class TrainStep:
             self._micro_graphs[bucket] = None
             return
         if self._micro_graphs[bucket] is None:
+            if not self.model.recipe.calibrated:  # fp8 scales still just in time: capture the delayed path later
+                self._warm_up(lambda: self._micro_step(cu, rows))
+                return
             self._micro_graphs[bucket] = self._capture(lambda: self._micro_step(cu, rows))
         self._micro_graphs[bucket].replay()
 

@@ -506,6 +506,7 @@ class DelayedScaling:
     `amax_history[0, i]` (pass `amax_slot(i)` as encode's amax_out). `update()`, after each optimizer step, sets
     scale = fp8_max / (max over the history window * 2^margin) (a zero, NaN or inf amax keeps the old scale), then
     rolls the history by one row and clears row 0. All on the device: no host syncs, CUDA-graph capturable.
+    `updates` counts update() calls on the host: while it is 0 the scales are the initial 1.0, not calibrated.
     """
 
     def __init__(self, n: int, fmt: str = "e4m3", history_len: int = 1024, margin: int = 0, device="cpu"):
@@ -516,6 +517,7 @@ class DelayedScaling:
         self.amax_history = torch.zeros(history_len, n, dtype=torch.float32, device=device)
         self.scale = torch.ones(n, dtype=torch.float32, device=device)
         self.scale_inv = torch.ones(n, dtype=torch.float32, device=device)
+        self.updates = 0
 
     def amax_slot(self, i: int) -> torch.Tensor:
         return self.amax_history[0, i : i + 1]
@@ -533,6 +535,7 @@ class DelayedScaling:
         torch.reciprocal(self.scale, out=self.scale_inv)
         self.amax_history.copy_(torch.roll(self.amax_history, 1, 0))
         self.amax_history[0].zero_()
+        self.updates += 1
 
     def state_dict(self) -> dict:
         return {"amax_history": self.amax_history, "scale": self.scale, "scale_inv": self.scale_inv}
@@ -545,3 +548,4 @@ class DelayedScaling:
                     f"{tuple(getattr(self, key).shape)} (same amax history length and number of layers?)"
                 )
             getattr(self, key).copy_(state[key])
+        self.updates = max(self.updates, 1)  # saved after an optimizer step: calibrated scales
