@@ -233,35 +233,38 @@ def main():
 
 
 def summarise(results, args) -> None:
-    """The 8B target: offload_both tokens/s against the no-offload tokens/s estimated from the 4B shape."""
+    """The 8B target: offload_both tokens/s against the no-offload tokens/s estimated from the 4B shape with the
+    same optimizer states (fp32 AdamW: "none"; 8-bit: "adamw_8bit")."""
     def find(model, mode, variant, method=""):
         return next((r for r in results if (r["model"], r["mode"], r["variant"], r["method"]) == (model, mode, variant,
                                                                                                    method)
                      and r.get("status") == "ok"), None)
 
-    base = find("qwen3-4b", "full", "none")
-    if base is None:
-        print("# 8B target: no 4B full baseline measured")
-        return
     ratio = (bench_sft.model_flops_per_token("qwen3-4b", args.seq_len, "full")
              / bench_sft.model_flops_per_token("qwen3-8b", args.seq_len, "full"))
     n4, _ = bench_sft.count_params("qwen3-4b")
     n8, _ = bench_sft.count_params("qwen3-8b")
-    tokens = args.seq_len * base["micro_batch"]
-    for method in (ZC, ST):
-        row = find("qwen3-8b", "full", "offload_both", method)
-        if row is None:
-            print(f"# 8B target ({method}): not measured")
+    for states, base_variant in (("", "none"), ("adamw_8bit+", "adamw_8bit")):
+        base = find("qwen3-4b", "full", base_variant)
+        rows = [r for r in results if (r["model"], r["mode"], r["variant"]) == ("qwen3-8b", "full",
+                                                                                states + "offload_both")
+                and r.get("status") == "ok"]
+        if base is None or not rows:
+            print(f"# 8B target ({states or 'fp32 '}states): needs the 4B full {base_variant} row and an 8B "
+                  f"{states}offload_both row")
             continue
-        for acc in (row["accum"], args.project_accum):
-            # 8B without offload, estimated: the 4B micro-step scaled by FLOPs, the resident optimizer by parameters
-            est = acc * tokens / (acc * base["micro_s"] / ratio + base["opt_s"] * n8 / n4)
-            got = (row["tokens_per_s"] if acc == row["accum"] else
-                   acc * tokens / (acc * row["micro_s"] + row["opt_s"]))
-            kind = "measured" if acc == row["accum"] else "projected"
-            print(f"# 8B full, offload_optimizer + offload_master ({method}), accumulation {acc}: {got:.0f} tok/s "
-                  f"({kind}) vs {est:.0f} estimated without offload (from 4B): {100 * got / est:.0f}% "
-                  f"(target >= 60%: {'met' if got >= 0.6 * est else 'not met'}); peak {row['peak_gib']:.1f} GiB")
+        tokens = args.seq_len * base["micro_batch"]
+        for row in rows:
+            for acc in (row["accum"], args.project_accum):
+                # 8B without offload, estimated: the 4B micro-step scaled by FLOPs, the resident optimizer by params
+                est = acc * tokens / (acc * base["micro_s"] / ratio + base["opt_s"] * n8 / n4)
+                got = (row["tokens_per_s"] if acc == row["accum"] else
+                       acc * tokens / (acc * row["micro_s"] + row["opt_s"]))
+                kind = "measured" if acc == row["accum"] else "projected"
+                print(f"# 8B full, {states}offload_optimizer + offload_master ({row['method']}), accumulation {acc}: "
+                      f"{got:.0f} tok/s ({kind}) vs {est:.0f} estimated without offload (from 4B {base_variant}): "
+                      f"{100 * got / est:.0f}% (target >= 60%: {'met' if got >= 0.6 * est else 'not met'}); "
+                      f"peak {row['peak_gib']:.1f} GiB")
 
 
 def write(results, args, gpu, command) -> None:
