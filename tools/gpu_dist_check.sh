@@ -4,9 +4,10 @@
 #       zero_level 0, 1, 2, 3, full fine-tune and LoRA, on the quickstart model in bf16 (the CLI as users run it:
 #       CUDA graphs at zero 0-2, eager at zero 3). Losses, grad norms and final weights are compared.
 #   (b) throughput: Qwen3-0.6B and 1.7B shapes (random weights and tokens, seq 2048 x micro-batch 2 per GPU), LoRA
-#       and full, at 1 GPU (with and without CUDA graphs) and 2 GPUs (zero 1 = data parallel, zero 3), through
+#       and full, at 1 GPU (with and without CUDA graphs) and 2 GPUs (zero 0 = DDP, zero 1, zero 3), through
 #       tools/bench/bench_dist.py; scaling = 2-GPU tok/s / 1-GPU tok/s (targets: >= 1.9x DDP, >= 1.8x ZeRO-3).
 # Usage: bash tools/gpu_dist_check.sh            (on the GPU box, from anywhere)
+#        EQ_ZEROS="0 1 2 3" BENCH_ZEROS=0,1,3 BENCH_MODES=lora,full EAGER_TOO=1 (the defaults) choose what runs
 #        SUROGATE_DIST_CPU=1 bash tools/gpu_dist_check.sh   (the same steps on the CPU, tiny shapes: a smoke test)
 # PYTHON and MPIRUN pick the interpreter and launcher (default python3 and mpirun).
 set -u
@@ -60,7 +61,7 @@ for mode in full lora; do
     timeout 120 "$PY" -m surogate.cli.app sft "$EQ/$mode-b2/run.yaml" output_dir="$EQ/$mode-$run" \
       > "$EQ/$mode-$run.log" 2>&1 || echo "FAILED: 1 process $mode ($run), see $EQ/$mode-$run.log"
   done
-  for zero in 0 1 2 3; do
+  for zero in ${EQ_ZEROS:-0 1 2 3}; do
     timeout 150 "${MPI[@]}" "$PY" -m surogate.cli.app sft "$EQ/$mode-b1/run.yaml" zero_level=$zero \
       output_dir="$EQ/$mode-z$zero" > "$EQ/$mode-z$zero.log" 2>&1 \
       || echo "FAILED: 2 ranks $mode zero $zero (rc $?), see $EQ/$mode-z$zero.log"
@@ -102,6 +103,8 @@ for mode in ("full", "lora"):
     print(f"{mode:4s} 1 process vs itself (noise): loss {noise['loss']:.2e}  grad_norm {noise['grad_norm']:.2e}  "
           f"weights {noise['weights']:.2e}")
     for zero in range(4):
+        if not (eq / f"{mode}-z{zero}").exists():
+            continue
         try:
             d = diff(eq / f"{mode}-z{zero}", ref, mode)
         except Exception as e:
@@ -123,12 +126,13 @@ rm -f "$RES"
 if [ "$CPU" = 1 ]; then
   BENCH=(tools/bench/bench_dist.py --device cpu --shapes tiny --modes lora,full --seq-len 64 --steps 2 --warmup 1)
 else
-  BENCH=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes lora,full --steps 8 --warmup 3)
+  BENCH=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes "${BENCH_MODES:-lora,full}" --steps 8 --warmup 3)
 fi
 DEADLINE=$(( START + 420 ))  # no new configuration after 7 minutes: the call stays under 8
-CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" "${BENCH[@]}" --eager-too --deadline "$DEADLINE" --out "$RES" \
+EAGER=(); [ "${EAGER_TOO:-1}" = 1 ] && EAGER=(--eager-too)
+CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" "${BENCH[@]}" "${EAGER[@]}" --deadline "$DEADLINE" --out "$RES" \
   2>&1 | tee "$OUT/bench_1gpu.log" | grep -v "^{" ; echo "1 GPU: rc ${PIPESTATUS[0]}"
-timeout 240 "${MPI[@]}" "$PY" "${BENCH[@]}" --zeros 1,3 --deadline "$DEADLINE" --out "$RES" \
+timeout 240 "${MPI[@]}" "$PY" "${BENCH[@]}" --zeros "${BENCH_ZEROS:-0,1,3}" --deadline "$DEADLINE" --out "$RES" \
   2>&1 | tee "$OUT/bench_2gpu.log" | grep -v "^{" ; echo "2 GPUs: rc ${PIPESTATUS[0]}"
 "$PY" - "$RES" <<'EOF' | tee "$OUT/throughput.md"
 import json, sys

@@ -84,16 +84,19 @@ class TrainStep:
         wds = {getattr(g, "weight_decay", 0.0) for g in groups}
         self._consts = {"beta1": scalar(betas[0]), "beta2": scalar(betas[1]), "eps": scalar(eps), "one": scalar(1.0),
                         "wd": {wd: scalar(wd) for wd in wds}, "betas": betas, "eps_value": eps}
-        self._micro_graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # None: warmed up, not captured yet
+        # (cu_seqlens bucket, reduces) -> graph; None: warmed up, not captured yet
+        self._micro_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}
         self._optimizer_graph: torch.cuda.CUDAGraph | None = None
         self._optimizer_warm = False
         self._pool = None
 
     # ------------------------------------------------------------------------------------------ the two steps
-    def _micro_step(self, cu_seqlens: torch.Tensor | None, rows_are_documents: bool = False) -> None:
+    def _micro_step(self, cu_seqlens: torch.Tensor | None, rows_are_documents: bool = False,
+                    reduce: bool = False) -> None:
         position_ids = None if rows_are_documents else self.position_ids  # None: 0..seq-1 in every row
-        loss_sum, _ = self.model.loss_sum(self.input_ids, self.labels, position_ids, cu_seqlens=cu_seqlens)
-        (loss_sum * self.inv_tokens).backward()
+        with self._reduction(reduce):
+            loss_sum, _ = self.model.loss_sum(self.input_ids, self.labels, position_ids, cu_seqlens=cu_seqlens)
+            (loss_sum * self.inv_tokens).backward()
         self.loss_sum += loss_sum.detach()
 
     def _optimizer_step(self) -> None:
@@ -125,21 +128,24 @@ class TrainStep:
             fn()
         return graph
 
-    def _run_micro(self, bucket: int) -> None:
+    def _run_micro(self, bucket: int, reduce: bool = False) -> None:
+        """One micro-step of a cu_seqlens bucket; `reduce`: it also reduces the gradients (data parallel), a graph
+        of its own."""
         cu, rows = self.cu_seqlens.get(bucket), bucket == ROWS_BUCKET
         if not self.cuda_graphs:
-            self._micro_step(cu, rows)
+            self._micro_step(cu, rows, reduce)
             return
-        if bucket not in self._micro_graphs:
-            self._warm_up(lambda: self._micro_step(cu, rows))
-            self._micro_graphs[bucket] = None
+        key = (bucket, reduce)
+        if key not in self._micro_graphs:
+            self._warm_up(lambda: self._micro_step(cu, rows, reduce))
+            self._micro_graphs[key] = None
             return
-        if self._micro_graphs[bucket] is None:
+        if self._micro_graphs[key] is None:
             if not self.model.recipe.calibrated:  # fp8 scales still just in time: capture the delayed path later
-                self._warm_up(lambda: self._micro_step(cu, rows))
+                self._warm_up(lambda: self._micro_step(cu, rows, reduce))
                 return
-            self._micro_graphs[bucket] = self._capture(lambda: self._micro_step(cu, rows))
-        self._micro_graphs[bucket].replay()
+            self._micro_graphs[key] = self._capture(lambda: self._micro_step(cu, rows, reduce))
+        self._micro_graphs[key].replay()
 
     def _run_optimizer(self) -> None:
         if not (self.cuda_graphs and self.capture_optimizer):
@@ -169,6 +175,15 @@ class TrainStep:
         """Trained tokens of the step's window (the loss normaliser), counted on the host."""
         return sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
 
+    def _reduces_in_micro(self, last: bool) -> bool:
+        """Whether this micro-step (`last` of the window or not) reduces gradients inside itself."""
+        return False
+
+    def _reduction(self, reduce: bool):
+        """A context around a micro-step's forward + backward, inside its captured graph: data-parallel steps start
+        bucket reductions from it as backward completes the gradients, and wait for them at its end."""
+        return nullcontext()
+
     def _reduce_grads(self) -> None:
         """Between the last micro-step and the optimizer step, outside any captured graph."""
 
@@ -185,7 +200,8 @@ class TrainStep:
         valid = self._count_tokens(micro_batches)
         self.inv_tokens.fill_(1.0 / max(valid, 1))
         self.loss_sum.zero_()
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            reduce = self._reduces_in_micro(last=i == len(micro_batches) - 1)
             self.input_ids.copy_(mb["input_ids"], non_blocking=True)
             self.labels.copy_(mb["labels"], non_blocking=True)
             self.position_ids.copy_(mb["position_ids"], non_blocking=True)
@@ -199,7 +215,7 @@ class TrainStep:
                     self.cu_seqlens[bucket] = torch.empty(bucket, dtype=torch.int32, device=self.device)
                 self.cu_seqlens[bucket].copy_(cu, non_blocking=True)
             with self._micro_scope():
-                self._run_micro(bucket)
+                self._run_micro(bucket, reduce)
         self._reduce_grads()
         self.lr.fill_(lr)
         self.step.fill_(step)
