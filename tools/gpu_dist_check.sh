@@ -7,7 +7,7 @@
 #       and full, at 1 GPU (with and without CUDA graphs) and 2 GPUs (zero 0 = DDP, zero 1, zero 3), through
 #       tools/bench/bench_dist.py; scaling = 2-GPU tok/s / 1-GPU tok/s (targets: >= 1.9x DDP, >= 1.8x ZeRO-3).
 # Usage: bash tools/gpu_dist_check.sh            (on the GPU box, from anywhere)
-#        EQ_ZEROS="0 1 2 3" BENCH_ZEROS=0,1,3 BENCH_MODES=lora,full EAGER_TOO=1 (the defaults) choose what runs
+#        EQ_ZEROS="0 1 2 3" BENCH_ZEROS=0,1,3 BENCH_MODES=lora,full EAGER_TOO=1 EQ_TIMEOUT=150 (the defaults)
 #        SUROGATE_DIST_CPU=1 bash tools/gpu_dist_check.sh   (the same steps on the CPU, tiny shapes: a smoke test)
 # PYTHON and MPIRUN pick the interpreter and launcher (default python3 and mpirun).
 set -u
@@ -62,7 +62,7 @@ for mode in full lora; do
       > "$EQ/$mode-$run.log" 2>&1 || echo "FAILED: 1 process $mode ($run), see $EQ/$mode-$run.log"
   done
   for zero in ${EQ_ZEROS:-0 1 2 3}; do
-    timeout 150 "${MPI[@]}" "$PY" -m surogate.cli.app sft "$EQ/$mode-b1/run.yaml" zero_level=$zero \
+    timeout "${EQ_TIMEOUT:-150}" "${MPI[@]}" "$PY" -m surogate.cli.app sft "$EQ/$mode-b1/run.yaml" zero_level=$zero \
       output_dir="$EQ/$mode-z$zero" > "$EQ/$mode-z$zero.log" 2>&1 \
       || echo "FAILED: 2 ranks $mode zero $zero (rc $?), see $EQ/$mode-z$zero.log"
   done

@@ -79,6 +79,7 @@ def run(procs, shape: str, mode: str, args, cuda_graphs: bool) -> dict:
     if procs.world_size > 1:
         peak = procs.world.max(peak)
     tokens = procs.world_size * args.micro_batch * args.seq_len * args.accum
+    step_fn.release_graphs()  # they captured NCCL collectives: freed while the process group lives
     return {"world_size": procs.world_size, "shape": shape, "mode": mode, "zero": procs.zero_level, "accum": args.accum,
             "cuda_graphs": bool(step_fn.cuda_graphs), "tok_per_s": tokens / step_s, "step_ms": 1e3 * step_s,
             "peak_gib": peak, "loss": loss, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}

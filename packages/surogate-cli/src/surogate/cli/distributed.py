@@ -104,6 +104,7 @@ class Processes:
         self.zero_level = zero_level if self.world_size > 1 else 0
         self.offload_grads = offload_grads and self.zero_level == 2
         self.gathered = None  # zero 3: the model's weights provider (surogate.dist.GatheredParameters)
+        self._steps: list[TrainStep] = []  # their CUDA graphs are freed before the process group goes
 
     @classmethod
     def start(cls, device, zero_level: int, offload_grads: bool = False) -> Processes:
@@ -184,12 +185,15 @@ class Processes:
         if self.world_size == 1:
             return TrainStep(model, groups, **kwargs)
         if self.zero_level == 0:
-            return _DataParallelStep(self.world, model, groups, **kwargs)
-        if self.zero_level == 1:
-            return _ZeroStep(self.world, model, groups, **kwargs)
-        if self.zero_level == 2:
-            return _Zero2Step(self.world, model, groups, **kwargs)
-        return _Zero3Step(self.world, model, groups, gathered=self.gathered, **kwargs)
+            step = _DataParallelStep(self.world, model, groups, **kwargs)
+        elif self.zero_level == 1:
+            step = _ZeroStep(self.world, model, groups, **kwargs)
+        elif self.zero_level == 2:
+            step = _Zero2Step(self.world, model, groups, **kwargs)
+        else:
+            step = _Zero3Step(self.world, model, groups, gathered=self.gathered, **kwargs)
+        self._steps.append(step)
+        return step
 
     def unshard(self, model) -> None:
         """zero 3, at the end (collective): the trained weights into rank 0's model (the provider is removed, so
@@ -204,6 +208,9 @@ class Processes:
         if self.world_size > 1:
             import surogate.dist as sd
 
+            for step in self._steps:  # their graphs captured NCCL collectives
+                step.release_graphs()
+            self._steps = []
             sd.shutdown()
 
 

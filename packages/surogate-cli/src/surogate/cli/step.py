@@ -128,6 +128,17 @@ class TrainStep:
             fn()
         return graph
 
+    def release_graphs(self) -> None:
+        """Free the captured graphs (a later step captures again). Call it before the process group is destroyed:
+        NCCL's communicator teardown waits for graphs that captured its collectives (seen as a hang at exit)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        for graph in [*self._micro_graphs.values(), self._optimizer_graph]:
+            if graph is not None:
+                graph.reset()
+        self._micro_graphs.clear()
+        self._optimizer_graph = None
+
     def _run_micro(self, bucket: int, reduce: bool = False) -> None:
         """One micro-step of a cu_seqlens bucket; `reduce`: it also reduces the gradients (data parallel), a graph
         of its own."""
