@@ -18,6 +18,7 @@ def main() -> None:
 
         # metrics: numbers and tensors
         assert world.sum(r + 1) == w * (w + 1) / 2
+        assert world.host_sum(r + 1) == w * (w + 1) // 2 and isinstance(world.host_sum(r), int)
         assert world.mean(float(r)) == (w - 1) / 2
         assert world.max(torch.tensor([r, -r])).tolist() == [w - 1, 0]
         assert world.broadcast_object({"run": "abc"} if r == 0 else None) == {"run": "abc"}

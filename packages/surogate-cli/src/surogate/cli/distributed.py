@@ -9,10 +9,10 @@ sharded, 3 = + weights sharded):
 - Data: the step's window of rows is the same as one process with N times the micro-batch, [accumulation,
   N * micro_batch]; rank r takes columns r, r + N, ... of it (`shard_rows`), so each micro-batch of the N ranks
   together is exactly the 1-process micro-batch.
-- Loss normaliser: each rank counts the trained tokens of its rows on the host; the world's sum is the window's
-  count, so every micro-step backpropagates loss_sum / (tokens of the whole global window) and the gradients are
-  SUMMED over ranks (no averaging). The reported loss is the world's loss sum over that count, the grad norm that
-  of the reduced gradients: both global.
+- Loss normaliser: each rank counts the trained tokens of its rows on the host; the world's sum (MPI on the host:
+  no device sync) is the window's count, so every micro-step backpropagates loss_sum / (tokens of the whole global
+  window) and the gradients are SUMMED over ranks (no averaging). The reported loss is the world's loss sum over
+  that count, the grad norm that of the reduced gradients: both global.
 - Gradients, reduced while backward runs: in the window's last micro-step (every micro-step at zero 2) each
   bucket of the flat gradient buffers is reduced as soon as backward has completed all of its parameters' grads
   (surogate.cli.grad_ready: post-accumulate-grad hooks) and waited for at the micro-step's end, all inside the
@@ -329,7 +329,7 @@ class _DataParallelStep(TrainStep):
         return GradReadiness([p for g in self.groups for p in g.params], self._buckets.param_ready)
 
     def _count_tokens(self, micro_batches) -> int:
-        return int(round(self.world.sum(super()._count_tokens(micro_batches))))
+        return int(self.world.host_sum(super()._count_tokens(micro_batches)))  # MPI: the GPU is not synced
 
     def _reduces_in_micro(self, last: bool) -> bool:
         return last  # the gradients accumulate locally over the window's other micro-steps

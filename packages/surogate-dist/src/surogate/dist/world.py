@@ -82,6 +82,15 @@ class World:
         """Sum over ranks. A tensor comes back as a new tensor on its own device; a number as a float."""
         return self._reduce(value, tdist.ReduceOp.SUM, divide=False)
 
+    def host_sum(self, value: int | float) -> int | float:
+        """Sum of a host number over ranks through MPI: no GPU work and no device sync (for counts taken on the
+        host, e.g. a step's tokens, so that the CPU keeps queueing GPU work ahead). Blocks until every rank calls."""
+        if self.backend is None:
+            return value
+        from mpi4py import MPI  # noqa: PLC0415 (a world of several processes was started by MPI)
+
+        return MPI.COMM_WORLD.allreduce(value)
+
     def mean(self, value: torch.Tensor | float) -> torch.Tensor | float:
         """Mean over ranks (loss, grad norm, tokens/s)."""
         return self._reduce(value, tdist.ReduceOp.SUM, divide=True)
