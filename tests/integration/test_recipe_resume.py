@@ -62,3 +62,24 @@ def test_fp8_resume_without_the_recipe_state_drifts(tmp_path, capsys, monkeypatc
     a, b = metrics(straight / "out"), metrics(killed / "out")
     assert [r["loss"] for r in b][:2] == [r["loss"] for r in a][:2]
     assert [r["loss"] for r in b][2:] != [r["loss"] for r in a][2:]
+
+
+def test_skip_quant_layers_and_fp8_keys_reach_the_recipe(tmp_path, capsys):
+    """skip_quant_first_layers / skip_quant_last_layers / fp8_amax_history / fp8_margin build the run's Recipe (the
+    start report names the BF16 layers; the checkpointed amax history has the asked length); more skipped layers
+    than the model has is a user error naming the key (exit 2)."""
+    out = tmp_path / "nvfp4"
+    code, text, err = run(["sft", write_config(out, recipe="nvfp4", skip_quant_last_layers=1, max_steps=2,
+                                               eval_steps=0, eval_exact_match_samples=0)], capsys)
+    assert code == 0, err
+    assert "last 1 layers in BF16" in text and "4 of 8 linear layers quantised" in text, text
+    out = tmp_path / "fp8"
+    code, text, err = run(["sft", write_config(out, recipe="fp8-hybrid", fp8_amax_history=16, fp8_margin=1,
+                                               max_steps=2, save_steps=1, eval_steps=0,
+                                               eval_exact_match_samples=0)], capsys)
+    assert code == 0, err
+    state = load_file(out / "out" / "checkpoints" / "step_00000001" / "recipe.safetensors")
+    assert state["amax_history"].shape == (16, 8)
+    code, text, err = run(["sft", write_config(tmp_path / "bad", recipe="fp8-hybrid", skip_quant_first_layers=2,
+                                               skip_quant_last_layers=1, max_steps=1)], capsys)
+    assert code == 2 and "skip_quant_last_layers" in err and "Traceback" not in err, err

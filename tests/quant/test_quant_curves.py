@@ -5,8 +5,9 @@ quantisers), so all run here: 20 optimizer steps of [2, 64] rows, the same rows 
 The stated margin (tools/quant_curves.py): mean loss of the last 5 steps <= the BF16 reference's + max(0.05 nats,
 5%). A mode whose curve is bit-identical to its reference fails too (the setting did nothing), so a recipe that
 silently falls back to BF16 is caught; the references must have learned (the runs are not flat).
-This is the early phase only: over the quickstart's 800 steps (benchmarks/quant_curves_summary.csv, CPU) nvfp4
-full fine-tuning plateaus at ~0.23 while bf16 reaches 0.001 (the tool reports it as FAIL)."""
+This is the early phase only: over the quickstart's 800 steps (benchmarks/quant_curves_summary.csv, CPU) nvfp4 with
+every layer quantised plateaus at ~0.23 while bf16 reaches 0.001 (the tool reports it as a known limitation);
+nvfp4 with the last layer in BF16, as the reference Surogate runs it, passes there too."""
 
 import sys
 from pathlib import Path
@@ -50,7 +51,9 @@ def test_margin_and_identical_curves_fail():
     same = quant_curves.Result(mk("fp8-hybrid", "full"), [3.0, 2.0, 1.0], [0.0] * 3, 0.0)
     near = quant_curves.Result(mk("nvfp4", "full"), [3.0, 2.0, 1.04], [0.0] * 3, 0.0)
     far = quant_curves.Result(mk("adamw_8bit", "full"), [3.0, 2.0, 1.06], [0.0] * 3, 0.0)
-    rows = {r["mode"]: r for r in quant_curves.summarize([ref, same, near, far], tail=1)}
+    known = quant_curves.Result(mk("nvfp4-all-layers", "full", known="stalls"), [3.0, 2.0, 1.5], [0.0] * 3, 0.0)
+    rows = {r["mode"]: r for r in quant_curves.summarize([ref, same, near, far, known], tail=1)}
+    assert rows["nvfp4-all-layers"]["status"] == "known" and rows["nvfp4-all-layers"]["note"] == "stalls"
     assert rows["bf16"]["status"] == "pass" and rows["nvfp4"]["status"] == "pass"
     assert rows["fp8-hybrid"]["status"] == "FAIL" and "identical" in rows["fp8-hybrid"]["note"]
     assert rows["adamw_8bit"]["status"] == "FAIL"

@@ -140,6 +140,15 @@ class Config:
     # --- precision and memory
     recipe: str = _opt("bf16", "matmul recipe: bf16, fp8-hybrid (SM89+), nvfp4 (Blackwell)",
                        choices=("bf16", "fp8-hybrid", "nvfp4"))
+    skip_quant_first_layers: int = _opt(0, "recipe fp8-hybrid / nvfp4: the first N transformer layers stay BF16",
+                                        check=_NON_NEGATIVE)
+    skip_quant_last_layers: int = _opt(0, "recipe fp8-hybrid / nvfp4: the last N layers stay BF16 (nvfp4: the "
+                                       "reference Surogate's runs keep 2-4, the NVFP4 paper ~15% of the layers)",
+                                       check=_NON_NEGATIVE)
+    fp8_amax_history: int = _opt(1024, "fp8-hybrid: length of the delayed-scaling amax history (steps)",
+                                 check=_POSITIVE)
+    fp8_margin: int = _opt(0, "fp8-hybrid: scales keep 2^margin of headroom below the format's maximum",
+                           check=_NON_NEGATIVE)
     recompute_block: bool = _opt(False, "recompute the whole block in backward (implies att, ffn, rmsnorm)")
     recompute_att: bool = _opt(False, "recompute attention in backward (implies qkv)")
     recompute_ffn: bool = _opt(False, "recompute the MLP in backward (implies swiglu)")

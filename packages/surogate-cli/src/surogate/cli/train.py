@@ -170,7 +170,7 @@ def _load_model(cfg: Config, device):
     flags = {f"recompute_{k}": v for k, v in recompute_flags(cfg).items() if k != "lora"}
     extra = {}  # only non-default values: versions of surogate.models without recipes / QLoRA take none of these
     if cfg.recipe != "bf16":
-        extra["recipe"] = cfg.recipe
+        extra["recipe"] = _recipe(cfg)
     qlora = [fmt for key, fmt in QLORA_FORMATS.items() if getattr(cfg, key)]
     if qlora:
         extra["qlora"] = qlora[0]
@@ -182,6 +182,24 @@ def _load_model(cfg: Config, device):
     model = load_pretrained(cfg.model, dtype=dtype, device=device, lora=lora, recompute=flags, **extra)
     model.train()
     return model, dtype
+
+
+def _recipe(cfg: Config):
+    """The recipe name, or a surogate.quant.Recipe when a recipe key differs from its default."""
+    options = dict(skip_quant_first_layers=cfg.skip_quant_first_layers,
+                   skip_quant_last_layers=cfg.skip_quant_last_layers, amax_history_len=cfg.fp8_amax_history,
+                   margin=cfg.fp8_margin)
+    if options == dict(skip_quant_first_layers=0, skip_quant_last_layers=0, amax_history_len=1024, margin=0):
+        return cfg.recipe
+    from surogate.models import ModelConfig
+    from surogate.quant import Recipe
+
+    n_layers = ModelConfig.from_hf(cfg.model).num_layers
+    if cfg.skip_quant_first_layers + cfg.skip_quant_last_layers > n_layers:
+        raise UserError(f"skip_quant_first_layers ({cfg.skip_quant_first_layers}) + skip_quant_last_layers "
+                        f"({cfg.skip_quant_last_layers}) exceed the model's {n_layers} layers",
+                        key="skip_quant_last_layers", fix=f"keep their sum at most {n_layers}")
+    return Recipe(cfg.recipe, n_layers=n_layers, **options)
 
 
 def _flops_per_token(model, trains_base: bool, seq: int) -> float:
