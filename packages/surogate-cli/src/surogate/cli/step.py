@@ -11,6 +11,8 @@ The first run of each graph is eager, on a side stream: it is the warm-up torch 
 compiles, autograd and cuBLAS set up) and also real work, so nothing has to be snapshotted and restored (a snapshot
 of the optimizer buffers would double their memory). The graph is captured on the second run, then replayed.
 (fp8-hybrid: micro-steps stay eager until the first optimizer step has calibrated the delayed scales.)
+Data-parallel subclasses (surogate.cli.distributed) reduce gradients inside a micro-step (`_reduction`): the one
+that reduces has a graph of its own, keyed (bucket, True), with the NCCL collectives in it.
 """
 
 from __future__ import annotations
