@@ -4,6 +4,8 @@
 #   - issue 9: Qwen3-8B full fine-tune with fp32 states offloaded, measured at 16 micro-batches per step (it was
 #     projected at 59% of the no-offload estimate from 8 micro-batches); the 4B baseline in the same process.
 #   - the gpu tests touched by the fp8 calibration step and the (bucket, reduces) graph keys.
+#   - issue 7's bench table: each QLoRA mode (fp8, nvfp4, nf4) at the 0.6B / 4B / 8B shapes and 0.6B bf16 vs
+#     fp8-hybrid (4B / 8B bf16 vs fp8-hybrid were measured: 1.16x / 1.27x). About 8 minutes in all.
 # Part 2, two GPUs (kind nvidia-h100-x2, about 5 minutes): "PART=2 bash tools/gpu_pending.sh"
 #   - issue 8: data-parallel scaling with gradient accumulation 4 (the reference's setting), zero 0 and 1, both
 #     shapes, full and LoRA; the 2-GPU gpu tests (tests/dist/test_dist_gpu.py: graph capture of the collectives).
@@ -18,7 +20,11 @@ if [ "${PART:-1}" = 1 ]; then
   timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/cli/test_step.py tests/quant/test_recipe.py \
     tests/models/test_models_recipes.py > "$OUT/pytest_gpu.log" 2>&1
   tail -3 "$OUT/pytest_gpu.log"
-  timeout 300 python3 tools/bench/bench_offload.py --budget-s 280 \
+  timeout 240 python3 tools/bench/bench_sft.py --steps 4 --warmup 2 --models qwen3-0.6b,qwen3-4b,qwen3-8b \
+    --modes lora --recipes qlora-fp8,qlora-nvfp4,qlora-nf4 --frameworks surogate --out "$OUT/sft.csv" | tail -12
+  timeout 60 python3 tools/bench/bench_sft.py --steps 4 --warmup 2 --models qwen3-0.6b --modes lora \
+    --recipes bf16,fp8-hybrid --frameworks surogate --out "$OUT/sft.csv" | tail -3
+  timeout 200 python3 tools/bench/bench_offload.py --budget-s 180 \
     --rows qwen3-4b:full:none,qwen3-8b:full:offload_both:stream:16 --out "$OUT/offload.csv" \
     --json "$OUT/offload.json" 2>&1 | tee "$OUT/bench_offload.log" | tail -8
 else
