@@ -9,6 +9,9 @@
 # Part 2, two GPUs (kind nvidia-h100-x2, about 5 minutes): "PART=2 bash tools/gpu_pending.sh"
 #   - issue 8: data-parallel scaling with gradient accumulation 4 (the reference's setting), zero 0 and 1, both
 #     shapes, full and LoRA; the 2-GPU gpu tests (tests/dist/test_dist_gpu.py: graph capture of the collectives).
+#   - then (a separate call, about 4 minutes) the 2-rank equivalence in fp32 on the GPUs, held to 1e-5 like the CPU:
+#     EQ_DTYPE=float32 EQ_ZEROS="0 1 2" EQ_TIMEOUT=75 BENCH_ZEROS=0 BENCH_MODES=lora EAGER_TOO=0 \
+#       bash tools/gpu_dist_check.sh
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
