@@ -8,7 +8,8 @@ curves differ only by the numerics:
 - full fine-tuning of the random quickstart model (examples/quickstart/model: Qwen3, hidden 128, intermediate 384,
   2 layers; every quantised GEMM dimension a multiple of 128, so FP8 tiles and NVFP4 16-blocks fit without
   padding): bf16 (reference), fp8-hybrid, nvfp4 (last layer BF16, as the reference runs it), nvfp4-all-layers
-  (a known limitation: it stalls), and optimizer adamw_8bit (when the trainer supports it).
+  (a known limitation: it stalls), nvfp4-1d-weights (every layer, weights in 1-D blocks), and optimizer adamw_8bit
+  (when the trainer supports it).
 - LoRA (rank 16, every linear) on a base made first by --base-steps of BF16 full fine-tuning (a LoRA on the
   random base barely learns the task: its loss stays near 4.4): lora-bf16 (reference), qlora_fp8 (E4M3, 128x128
   tiles), qlora_fp4 (NVFP4), qlora_bnb (NF4, block 64, double quant).
@@ -67,6 +68,7 @@ MODES = [
     Mode("nvfp4", "full", ["recipe=nvfp4", "skip_quant_last_layers=1"]),
     Mode("nvfp4-all-layers", "full", ["recipe=nvfp4"], known="every layer NVFP4 (2-layer model): stalls near 0.2, "
          "see benchmarks/quant_curves_nvfp4_ablation.csv; keep the last layers BF16"),
+    Mode("nvfp4-1d-weights", "full", ["recipe=nvfp4", "fp4_disable_2d_quantization=true"]),  # every layer, 1-D W
     Mode("adamw_8bit", "full", ["optimizer=adamw_8bit"]),
     Mode("lora-bf16", "lora", LORA, reference=True),
     Mode("qlora_fp8", "lora", [*LORA, "qlora_fp8=true"]),

@@ -65,14 +65,16 @@ def test_fp8_resume_without_the_recipe_state_drifts(tmp_path, capsys, monkeypatc
 
 
 def test_skip_quant_layers_and_fp8_keys_reach_the_recipe(tmp_path, capsys):
-    """skip_quant_first_layers / skip_quant_last_layers / fp8_amax_history / fp8_margin build the run's Recipe (the
+    """skip_quant_* / fp4_disable_2d_quantization / fp8_amax_history / fp8_margin build the run's Recipe (the
     start report names the BF16 layers; the checkpointed amax history has the asked length); more skipped layers
     than the model has is a user error naming the key (exit 2)."""
     out = tmp_path / "nvfp4"
     code, text, err = run(["sft", write_config(out, recipe="nvfp4", skip_quant_last_layers=1, max_steps=2,
-                                               eval_steps=0, eval_exact_match_samples=0)], capsys)
+                                               fp4_disable_2d_quantization=True, eval_steps=0,
+                                               eval_exact_match_samples=0)], capsys)
     assert code == 0, err
     assert "last 1 layers in BF16" in text and "4 of 8 linear layers quantised" in text, text
+    assert "1-D blocks for weights" in text, text
     out = tmp_path / "fp8"
     code, text, err = run(["sft", write_config(out, recipe="fp8-hybrid", fp8_amax_history=16, fp8_margin=1,
                                                max_steps=2, save_steps=1, eval_steps=0,

@@ -136,6 +136,26 @@ def test_nvfp4_recipe_bounds_and_seeds(generator):
     assert not torch.equal(dx, dx_next) and not torch.equal(dw, dw_next)
 
 
+def test_nvfp4_1d_weight_blocks(generator):
+    """fp4_disable_2d_quantization: the forward multiplies by W in 1-D blocks along K, dgrad by W^T in 1-D blocks
+    along N (not the forward's tiles); within NVFP4's error of float64, and other than the 16x16-tile default."""
+    x, w, dy = inputs(generator, m=(3, 37), n=64)
+    one_d = Recipe("nvfp4", n_layers=1, seed=3, fp4_disable_2d_quantization=True)
+    tiles = Recipe("nvfp4", n_layers=1, seed=3)
+    assert "1-D blocks for weights" in one_d.describe() and "16x16 tiles" in tiles.describe()
+    got = run(one_d, one_d.linear("down_proj", 0), x, w, dy)
+    default = run(tiles, tiles.linear("down_proj", 0), x, w, dy)
+    xq = nvfp4.dequantize(nvfp4.quantize(x.reshape(-1, 64)), torch.float64)
+    wq = nvfp4.dequantize(nvfp4.quantize(w), torch.float64)  # 1-D blocks along K
+    assert rel_err(got[0].reshape(-1, 64), xq @ wq.t()) < 1e-6
+    wq_t = nvfp4.dequantize(nvfp4.quantize(w.t().contiguous()), torch.float64)  # 1-D blocks along N
+    assert not torch.equal(wq_t.t(), wq)  # dgrad's weight is not the forward's
+    for a, truth in zip(got, float64_truth(x, w, dy), strict=True):
+        assert rel_err(a, truth) < 0.25
+    assert not torch.equal(got[0], default[0]) and not torch.equal(got[1], default[1])  # y, dx: W's blocks differ
+    assert torch.equal(got[2], default[2])  # wgrad does not read W
+
+
 @pytest.mark.parametrize("name", ["bf16", "fp8-hybrid", "nvfp4"])
 def test_quantized_base_weight_is_dequantised_per_gemm(name, generator):
     x, w, dy = inputs(generator, dtype=torch.bfloat16)

@@ -145,6 +145,8 @@ class Config:
     skip_quant_last_layers: int = _opt(0, "recipe fp8-hybrid / nvfp4: the last N layers stay BF16 (nvfp4: the "
                                        "reference Surogate's runs keep 2-4, the NVFP4 paper ~15% of the layers)",
                                        check=_NON_NEGATIVE)
+    fp4_disable_2d_quantization: bool = _opt(False, "nvfp4: weights in 1-D blocks of 16 instead of 16x16 tiles "
+                                             "(finer scales; forward and dgrad then quantise W differently)")
     fp8_amax_history: int = _opt(1024, "fp8-hybrid: length of the delayed-scaling amax history (steps)",
                                  check=_POSITIVE)
     fp8_margin: int = _opt(0, "fp8-hybrid: scales keep 2^margin of headroom below the format's maximum",

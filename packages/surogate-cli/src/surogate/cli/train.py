@@ -188,8 +188,9 @@ def _recipe(cfg: Config):
     """The recipe name, or a surogate.quant.Recipe when a recipe key differs from its default."""
     options = dict(skip_quant_first_layers=cfg.skip_quant_first_layers,
                    skip_quant_last_layers=cfg.skip_quant_last_layers, amax_history_len=cfg.fp8_amax_history,
-                   margin=cfg.fp8_margin)
-    if options == dict(skip_quant_first_layers=0, skip_quant_last_layers=0, amax_history_len=1024, margin=0):
+                   margin=cfg.fp8_margin, fp4_disable_2d_quantization=cfg.fp4_disable_2d_quantization)
+    if options == dict(skip_quant_first_layers=0, skip_quant_last_layers=0, amax_history_len=1024, margin=0,
+                       fp4_disable_2d_quantization=False):
         return cfg.recipe
     from surogate.models import ModelConfig
     from surogate.quant import Recipe

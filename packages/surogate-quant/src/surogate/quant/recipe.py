@@ -26,7 +26,9 @@ GEMMs of a linear layer with x [M, K] (tokens flattened), W [N, K], dy [M, N]:
   for the layers below, and the second step saturates their gradients (measured: all gradients 0.73 relative
   error vs bf16 on the Qwen3-0.6B shape at 4096 tokens, 0.22 with calibration). `calibrated` tells the trainer
   when the delayed path is in place, so that CUDA graphs are captured after it.
-- "nvfp4" (TransformerEngine's NVFP4BlockScaling): x 1-D blocks RNE, W 16x16 tiles RNE, dy 1-D blocks with
+- "nvfp4" (TransformerEngine's NVFP4BlockScaling): x 1-D blocks RNE, W 16x16 tiles RNE (1-D blocks along the
+  reduction dim with fp4_disable_2d_quantization: finer; on the 2-layer quickstart every-layer NVFP4 then ends at
+  0.017 instead of stalling at 0.23), dy 1-D blocks with
   stochastic rounding (seeds change each optimizer step), wgrad inputs through the 16-point random Hadamard
   transform along the tokens. No FP4 GEMM runs here (Hopper has no FP4 tensor cores; Blackwell's block-scaled
   GEMMs are not wired yet): operands are quantised exactly, dequantised without the global scales (exact in
@@ -122,10 +124,13 @@ class Recipe:
         gemm: str | None = None,
         grad_scaling: str = "delayed",
         cache_weights: bool = True,
+        fp4_disable_2d_quantization: bool = False,
     ):
         """gemm: None picks per call; "scaled_mm" or "emulate" force the FP8 GEMM path (tests use both on CPU).
         grad_scaling: "delayed" or "current" for the E5M2 gradients; cache_weights: keep FP8 weights between
-        GEMMs (fp8-hybrid; see the module doc)."""
+        GEMMs (fp8-hybrid; see the module doc). fp4_disable_2d_quantization (nvfp4, the reference's key): weights in
+        1-D blocks of 16 along the GEMM's reduction dim (forward W along K, dgrad W^T along N) instead of 16x16 tiles
+        (finer scales; W and W^T then quantise differently)."""
         if name not in RECIPES:
             raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {name!r}")
         if min(skip_quant_first_layers, skip_quant_last_layers, n_layers, amax_history_len - 1) < 0:
@@ -144,6 +149,7 @@ class Recipe:
         self.gemm = gemm
         self.grad_scaling = grad_scaling
         self.cache_weights = cache_weights
+        self.weight_2d = not fp4_disable_2d_quantization
         self.contexts: list[LinearContext] = []
         self._n_fp8 = 0  # contexts in mode "fp8": the delayed-scaling slots
         self._scaling: fp8.DelayedScaling | None = None  # forward inputs x, E4M3
@@ -272,7 +278,7 @@ class Recipe:
             return y.view(*x.shape[:-1], wq.shape[0])
         w = _plain(w, x.dtype)
         if ctx.mode == "nvfp4":
-            y = _fp4_gemm(nvfp4.quantize(x2), nvfp4.quantize(w, block_2d=True), x.dtype)
+            y = _fp4_gemm(nvfp4.quantize(x2), nvfp4.quantize(w, block_2d=self.weight_2d), x.dtype)
         else:
             y = torch.matmul(x2, w.t())
         return y.view(*x.shape[:-1], w.shape[0])
@@ -317,7 +323,8 @@ class Recipe:
             if need_dx:
                 w = _plain(w, dy.dtype)
                 dyq = nvfp4.quantize(dy2, stochastic=True, seed=self._seed(ctx, _SR_DGRAD, dy.device))
-                wq_t = nvfp4.quantize(w.t().contiguous(), block_2d=True)  # the forward's tiles, transposed
+                # 2-D: the forward's tiles, transposed; 1-D: blocks along N, not the forward's
+                wq_t = nvfp4.quantize(w.t().contiguous(), block_2d=self.weight_2d)
                 dx = _fp4_gemm(dyq, wq_t, dy.dtype)
             if need_dw:
                 dw = self._nvfp4_wgrad(dy2, x.reshape(-1, x.shape[-1]), ctx, out_dtype)
@@ -424,8 +431,9 @@ class Recipe:
             )
         return (
             f"recipe nvfp4 on {where}: E2M1 values, 16-value blocks with E4M3 scales and an FP32 global scale "
-            f"(16x16 tiles for weights), stochastic rounding for gradients, 16-point random Hadamard on the wgrad "
-            f"inputs. No FP4 GEMM runs here (Hopper and older have no FP4 tensor cores; Blackwell's are not wired): "
+            f"({'16x16 tiles' if self.weight_2d else '1-D blocks'} for weights), stochastic rounding for gradients, "
+            f"16-point random Hadamard on the wgrad inputs. No FP4 GEMM runs here (Hopper and older have no FP4 "
+            f"tensor cores; Blackwell's are not wired): "
             f"operands are quantised exactly and the GEMMs run in {'BF16' if cc else 'fp32'} on the dequantised "
             f"values - NVFP4 accuracy, not NVFP4 speed; lm_head and embeddings in BF16{skip}; {layers}."
         )
