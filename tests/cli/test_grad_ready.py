@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import surogate.dist._comm as comm
-from surogate.cli.distributed import _AllReduceBuckets
+from surogate.cli.data_parallel_step import AllReduceBuckets
 from surogate.cli.grad_ready import GradReadiness
 from surogate.cli.param_group import param_groups
 from surogate.models import LoraConfig, init_model
@@ -57,7 +57,7 @@ def test_zero0_buckets_launch_during_backward(generator, monkeypatch):
     groups = param_groups(model.trainable_parameters(), 0.1)
     embed = model.model.embed_tokens.weight
     world = type("World", (), {"world_size": 2})()
-    buckets = _AllReduceBuckets(world, groups, bucket_numel=20_000)
+    buckets = AllReduceBuckets(world, groups, bucket_numel=20_000)
     for g in groups:  # the spans tile the buffer, last parameters first
         mine = [s for s in buckets.spans if s.data_ptr() >= g.grad.data_ptr()
                 and s.data_ptr() < g.grad.data_ptr() + g.grad.numel() * g.grad.element_size()]

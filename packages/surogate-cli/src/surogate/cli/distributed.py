@@ -13,18 +13,18 @@ sharded, 3 = + weights sharded):
   no device sync) is the window's count, so every micro-step backpropagates loss_sum / (tokens of the whole global
   window) and the gradients are SUMMED over ranks (no averaging). The reported loss is the world's loss sum over
   that count, the grad norm that of the reduced gradients: both global.
-- Gradients, reduced while backward runs: in the window's last micro-step (every micro-step at zero 2) each
-  bucket of the flat gradient buffers is reduced as soon as backward has completed all of its parameters' grads
-  (surogate.cli.grad_ready: post-accumulate-grad hooks) and waited for at the micro-step's end, all inside the
-  micro-step, so inside its CUDA graph when graphs are on (NCCL collectives are captured and replayed; that
-  micro-step has a graph of its own). zero 0: buckets of ~DEFAULT_BUCKET_NUMEL elements of whole parameters,
-  all-reduced (summed) in the buffer's dtype; zero 1/2: surogate.dist.DataParallel's buckets, reduce-scattered
-  into each group's fp32 shard (zero 2 adds each micro-step's into it and zeroes the full buffer, which is then
-  scratch for one micro-step). At zero 1/2 each rank keeps the fp32 master and AdamW moments of its shard only,
-  runs surogate.kernels.adamw_step on it, and the updated shards are all-gathered into the weights; that
-  optimizer step runs collectives, so it is never captured as a CUDA graph. offload_grads (zero 2 only): the
-  fp32 shard lives in host memory, where the adds run on the CPU: that reduction runs after each micro-step's
-  replay, outside its graph, without overlap.
+- Gradients, reduced while backward runs (the step classes: surogate.cli.data_parallel_step): in the window's last
+  micro-step (every micro-step at zero 2) each bucket of the flat gradient buffers is reduced as soon as backward has
+  completed all of its parameters' grads (surogate.cli.grad_ready: post-accumulate-grad hooks) and waited for at the
+  micro-step's end, all inside the micro-step, so inside its CUDA graph when graphs are on (NCCL collectives are
+  captured and replayed; that micro-step has a graph of its own). zero 0: buckets of ~DEFAULT_BUCKET_NUMEL elements of
+  whole parameters, all-reduced (summed) in the buffer's dtype; zero 1/2: surogate.dist.DataParallel's buckets,
+  reduce-scattered into each group's fp32 shard (zero 2 adds each micro-step's into it and zeroes the full buffer,
+  which is then scratch for one micro-step). At zero 1/2 each rank keeps the fp32 master and AdamW moments of its
+  shard only, runs surogate.kernels.adamw_step on it, and the updated shards are all-gathered into the weights; that
+  optimizer step runs collectives, so it is never captured as a CUDA graph. offload_grads (zero 2 only): the fp32
+  shard lives in host memory, where the adds run on the CPU: that reduction runs after each micro-step's replay,
+  outside its graph, without overlap.
 - zero 3: each weight-decay group's trainable weights are sharded by *part* (embeddings, layer 0 .. L-1, final
   norm + lm_head; with LoRA only the adapters are trainable: the frozen base weights stay replicated); the model's
   weights_provider (surogate.dist.GatheredParameters) all-gathers a layer's weights before its forward, frees
@@ -43,17 +43,14 @@ sharded, 3 = + weights sharded):
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
-from surogate.kernels import adamw_step, clip_scale
-
+from .data_parallel_step import DataParallelStep, Zero2Step, Zero3Step, ZeroStep
 from .errors import NotSupportedYet, UserError
-from .grad_ready import GradReadiness
 from .step import TrainStep
 
-FAIL_RANK_ENV = "SUROGATE_TEST_FAIL_RANK"
 SUPPORTED_ZERO = (0, 1, 2, 3)
 
 # set by MPI launchers (OpenMPI, MPICH/Intel MPI hydra, PMIx, MVAPICH): the same list as surogate.dist.world
@@ -185,13 +182,13 @@ class Processes:
         if self.world_size == 1:
             return TrainStep(model, groups, **kwargs)
         if self.zero_level == 0:
-            step = _DataParallelStep(self.world, model, groups, **kwargs)
+            step = DataParallelStep(self.world, model, groups, **kwargs)
         elif self.zero_level == 1:
-            step = _ZeroStep(self.world, model, groups, **kwargs)
+            step = ZeroStep(self.world, model, groups, **kwargs)
         elif self.zero_level == 2:
-            step = _Zero2Step(self.world, model, groups, **kwargs)
+            step = Zero2Step(self.world, model, groups, **kwargs)
         else:
-            step = _Zero3Step(self.world, model, groups, gathered=self.gathered, **kwargs)
+            step = Zero3Step(self.world, model, groups, gathered=self.gathered, **kwargs)
         self._steps.append(step)
         return step
 
@@ -307,193 +304,6 @@ class ShardedGroup:
             if t.numel() != n:
                 raise ValueError(f"optimizer state `{name}` has {t.numel()} values, expected {n}")
         self.dp.load_full_state(state)
-
-
-def _check_fail_hook(world, step: int) -> None:
-    if os.environ.get(FAIL_RANK_ENV) == str(world.rank) and step >= 2:
-        raise RuntimeError(f"{FAIL_RANK_ENV}={world.rank}: rank {world.rank} fails at step {step} (test hook)")
-
-
-class _DataParallelStep(TrainStep):
-    """zero 0: the window's token count summed over ranks; on the window's last micro-step each bucket of the flat
-    gradient buffers is all-reduced (summed) as soon as backward completes it, inside the micro-step (and its
-    CUDA graph); the optimizer step then runs as in one process (every rank updates its full copy identically)."""
-
-    def __init__(self, world, model, groups, **kwargs):
-        self.world = world
-        super().__init__(model, groups, **kwargs)
-        self._readiness = self._overlap()
-
-    def _overlap(self) -> GradReadiness | None:
-        self._buckets = _AllReduceBuckets(self.world, self.groups)
-        return GradReadiness([p for g in self.groups for p in g.params], self._buckets.param_ready)
-
-    def _count_tokens(self, micro_batches) -> int:
-        return int(self.world.host_sum(super()._count_tokens(micro_batches)))  # MPI: the GPU is not synced
-
-    def _reduces_in_micro(self, last: bool) -> bool:
-        return last  # the gradients accumulate locally over the window's other micro-steps
-
-    @contextmanager
-    def _reduction(self, reduce: bool):
-        if reduce:
-            self._buckets.start()
-        with self._readiness.micro_step(reduce):
-            yield
-        if reduce:
-            self._buckets.finish()
-
-    def __call__(self, micro_batches, lr: float, step: int):
-        _check_fail_hook(self.world, step)
-        loss_sum, valid, norm = super().__call__(micro_batches, lr, step)
-        return self.world.sum(loss_sum), valid, norm
-
-
-class _AllReduceBuckets:
-    """zero 0: each group's flat gradient buffer cut into spans of whole parameters of about `bucket_numel`
-    elements, from the end (backward completes the last parameters first); `param_ready` counts a span's
-    parameters down and all-reduces (sums) it when none is left; `finish` launches the rest and waits for all."""
-
-    def __init__(self, world, groups, bucket_numel: int | None = None):
-        from surogate.dist.layout import DEFAULT_BUCKET_NUMEL
-
-        limit = bucket_numel or DEFAULT_BUCKET_NUMEL
-        self.world = world
-        self.spans: list[torch.Tensor] = []
-        self.sizes: list[int] = []  # parameters per span
-        self.span_of: dict[int, int] = {}  # id(param) -> span
-        for g in groups:
-            item = g.grad.element_size()
-            placed = sorted(((p.grad.data_ptr() - g.grad.data_ptr()) // item, i) for i, p in enumerate(g.params))
-            hi, members = None, []
-            for offset, i in reversed(placed):
-                p = g.params[i]
-                if hi is None:
-                    hi = offset + p.numel()
-                members.append(p)
-                if hi - offset >= limit or offset == placed[0][0]:
-                    self._add(g.grad[offset:hi], members)
-                    hi, members = None, []
-        self._left: list[int] = []
-        self._launched: list[bool] = []
-        self._handles = []
-
-    def _add(self, span: torch.Tensor, members: list) -> None:
-        for p in members:
-            self.span_of[id(p)] = len(self.spans)
-        self.spans.append(span)
-        self.sizes.append(len(members))
-
-    def start(self) -> None:
-        self._left, self._launched, self._handles = list(self.sizes), [False] * len(self.spans), []
-
-    def param_ready(self, p: torch.Tensor) -> None:
-        b = self.span_of[id(p)]
-        self._left[b] -= 1
-        if self._left[b] == 0:
-            self._launch(b)
-
-    def _launch(self, b: int) -> None:
-        from surogate.dist._comm import all_reduce
-
-        self._launched[b] = True
-        self._handles.append(all_reduce(self.world, self.spans[b], torch.distributed.ReduceOp.SUM))
-
-    def finish(self) -> None:
-        for b, launched in enumerate(self._launched):
-            if not launched:
-                self._launch(b)
-        for h in self._handles:
-            h.wait()
-        self._handles = []
-
-
-class _ZeroStep(_DataParallelStep):
-    """zero 1: on the window's last micro-step each bucket is reduce-scattered into the groups' fp32 shards as soon
-    as backward completes it (inside the micro-step and its graph); norm, clip and AdamW on the shards; the new
-    weights all-gathered (collectives: the optimizer step is not captured as a graph)."""
-
-    capture_optimizer = False
-
-    def _overlap(self) -> GradReadiness | None:
-        where = {id(p): (g.dp, i) for g in self.groups for i, p in enumerate(g.params)}
-
-        def ready(p):
-            dp, i = where[id(p)]
-            dp.grad_ready(i)  # one layout group per parameter at zero 1/2
-
-        return GradReadiness([p for g in self.groups for p in g.params], ready)
-
-    @contextmanager
-    def _reduction(self, reduce: bool):
-        with ExitStack() as stack:
-            if reduce:  # entered first, left last: launches what is left and waits, after backward
-                for g in self.groups:
-                    stack.enter_context(g.dp.micro_step(last=True))
-            stack.enter_context(self._readiness.micro_step(reduce))
-            yield
-
-    def _optimizer_step(self) -> None:
-        squares = [g.dp.grad_norm() ** 2 for g in self.groups]
-        norm = torch.stack(squares).sum().sqrt()
-        scale = clip_scale(norm, self.max_grad_norm) if self.max_grad_norm > 0 else None
-        for g in self.groups:
-            def adamw(master, grads, state, work, wd=g.weight_decay):
-                adamw_step(master, grads, state["exp_avg"], state["exp_avg_sq"], lr=self.lr, beta1=self.betas[0],
-                           beta2=self.betas[1], eps=self.eps, weight_decay=wd, step=self.step, grad_scale=scale,
-                           work_params=work, stochastic_rounding=self.stochastic_rounding, seed=self.seed)
-
-            g.dp.step(adamw)
-            g.dp.zero_grad()
-        self.grad_norm.copy_(norm)
-
-
-class _Zero2Step(_ZeroStep):
-    """zero 2: every micro-step reduce-scatters its gradients into the fp32 shards (adding), bucket by bucket as
-    backward completes them, inside the micro-step and its graph; the full buffer is zeroed for the next one.
-    offload_grads (the shard in host memory: host-side adds, not capturable): after each micro-step's replay,
-    outside its graph, without overlap. The rest is zero 1's."""
-
-    def _offloaded(self) -> bool:
-        return any(g.dp.offload_grads for g in self.groups)
-
-    def _reduces_in_micro(self, last: bool) -> bool:
-        return not self._offloaded()
-
-    @contextmanager
-    def _micro_scope(self):
-        with ExitStack() as stack:
-            if self._offloaded():
-                for g in self.groups:
-                    stack.enter_context(g.dp.micro_step(last=True))
-            yield
-
-
-class _Zero3Step(_ZeroStep):
-    """zero 3: weights gathered per layer by the model's provider inside each micro-step (collectives from Python:
-    no CUDA graphs), gradients reduce-scattered per layer as backward completes them (by the provider)."""
-
-    def __init__(self, world, model, groups, *, gathered, **kwargs):
-        super().__init__(world, model, groups, **kwargs)
-        self.gathered = gathered
-        self.cuda_graphs = False
-
-    def _overlap(self) -> GradReadiness | None:
-        return None  # the provider knows when a layer's gradients are complete
-
-    def _reduces_in_micro(self, last: bool) -> bool:
-        return False
-
-    def _reduction(self, reduce: bool):
-        return nullcontext()
-
-    @contextmanager
-    def _micro_scope(self):
-        with ExitStack() as stack:
-            for g in self.groups:
-                stack.enter_context(g.dp.micro_step(last=True))
-            stack.enter_context(self.gathered.scope())
-            yield
 
 
 class QuietLog:
