@@ -9,16 +9,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "models"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "models"))
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
+from bench_sft import SHAPES  # noqa: E402
 from tiny_hf import packed_inputs  # noqa: E402
 
 from surogate.models import init_model  # noqa: E402
 from surogate.quant import Recipe  # noqa: E402
-
-QWEN3_06B = dict(architectures=["Qwen3ForCausalLM"], hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                 max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                 tie_word_embeddings=True)  # fmt: skip
 
 
 def run(model, ids, labels, pos):
@@ -51,7 +49,7 @@ def main():
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--tokens", type=int, default=4096)
     args = p.parse_args()
-    cfg = dict(QWEN3_06B, num_hidden_layers=args.layers)
+    cfg = dict(SHAPES["qwen3-0.6b"], num_hidden_layers=args.layers)
     n = args.layers
     half = args.tokens // 2
     docs = [[half // 3, half // 2, half - half // 3 - half // 2], [half]]  # a packed row and a one-document row

@@ -185,13 +185,7 @@ def _load_model(cfg: Config, device):
 
 
 def _recipe(cfg: Config):
-    """The recipe name, or a surogate.quant.Recipe when a recipe key differs from its default."""
-    options = dict(skip_quant_first_layers=cfg.skip_quant_first_layers,
-                   skip_quant_last_layers=cfg.skip_quant_last_layers, amax_history_len=cfg.fp8_amax_history,
-                   margin=cfg.fp8_margin, fp4_disable_2d_quantization=cfg.fp4_disable_2d_quantization)
-    if options == dict(skip_quant_first_layers=0, skip_quant_last_layers=0, amax_history_len=1024, margin=0,
-                       fp4_disable_2d_quantization=False):
-        return cfg.recipe
+    """The run's surogate.quant.Recipe (cfg.recipe is not bf16): its layers kept in BF16, amax history, margin."""
     from surogate.models import ModelConfig
     from surogate.quant import Recipe
 
@@ -200,7 +194,9 @@ def _recipe(cfg: Config):
         raise UserError(f"skip_quant_first_layers ({cfg.skip_quant_first_layers}) + skip_quant_last_layers "
                         f"({cfg.skip_quant_last_layers}) exceed the model's {n_layers} layers",
                         key="skip_quant_last_layers", fix=f"keep their sum at most {n_layers}")
-    return Recipe(cfg.recipe, n_layers=n_layers, **options)
+    return Recipe(cfg.recipe, n_layers=n_layers, skip_quant_first_layers=cfg.skip_quant_first_layers,
+                  skip_quant_last_layers=cfg.skip_quant_last_layers, amax_history_len=cfg.fp8_amax_history,
+                  margin=cfg.fp8_margin, fp4_disable_2d_quantization=cfg.fp4_disable_2d_quantization)
 
 
 def _flops_per_token(model, trains_base: bool, seq: int) -> float:
