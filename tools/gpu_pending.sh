@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# What the 2026-11-27 night session could not measure (its device time ran out), for the next session.
-# Part 1, one GPU (about 4 minutes on an H100): command "bash tools/gpu_pending.sh", carry [".whl"].
-#   - issue 9: Qwen3-8B full fine-tune with fp32 states offloaded, measured at 16 micro-batches per step (it was
-#     projected at 59% of the no-offload estimate from 8 micro-batches); the 4B baseline in the same process.
-#   - the gpu tests touched by the fp8 calibration step and the (bucket, reduces) graph keys.
-#   - issue 7's bench table: each QLoRA mode (fp8, nvfp4, nf4) at the 0.6B / 4B / 8B shapes and 0.6B bf16 vs
-#     fp8-hybrid (4B / 8B bf16 vs fp8-hybrid were measured: 1.16x / 1.27x). About 8 minutes in all.
-# Part 2, two GPUs (kind nvidia-h100-x2, about 5 minutes): "PART=2 bash tools/gpu_pending.sh"
-#   - issue 8: data-parallel scaling with gradient accumulation 4 (the reference's setting), zero 0 and 1, both
-#     shapes, full and LoRA; the 2-GPU gpu tests (tests/dist/test_dist_gpu.py: graph capture of the collectives).
-#   - then (a separate call, about 4 minutes) the 2-rank equivalence in fp32 on the GPUs, held to 1e-5 like the CPU:
-#     EQ_DTYPE=float32 EQ_ZEROS="0 1 2" EQ_TIMEOUT=75 BENCH_ZEROS=0 BENCH_MODES=lora EAGER_TOO=0 \
-#       bash tools/gpu_dist_check.sh
+# The GPU work of the 2026-11-28 session, one device call per part; results under $OUT.
+# Part 1, one GPU (about 6 minutes on an H100): "bash tools/gpu_pending.sh", carry [".whl"].
+#   - the gpu tests touched by the fp8 calibration step, the (bucket, reduces) graph keys and nvfp4's 1-D weights.
+#   - issue 7's bench table: each QLoRA mode (fp8, nvfp4, nf4) at the 0.6B / 4B / 8B shapes, 0.6B bf16 vs fp8-hybrid.
+#   - issue 9: Qwen3-8B full fine-tune with fp32 states offloaded at 16 micro-batches per step, the 4B baseline.
+# Part 2, two GPUs (kind nvidia-h100-x2, about 7 minutes): "PART=2 bash tools/gpu_pending.sh"
+#   - issue 8: data-parallel scaling with gradient accumulation 4: one GPU, then zero 0 and 1, then zero 3 (now
+#     captured in CUDA graphs; a separate launch so that a failure there keeps the other rows), both shapes, full
+#     and LoRA; the 2-GPU gpu tests (tests/dist/test_dist_gpu.py).
+# Part 3, two GPUs (about 6 minutes): "PART=3 bash tools/gpu_pending.sh"
+#   - issue 8: the 2-rank equivalence in fp32 on the GPUs (zero 0-3, zero 3 now with graphs), held to 1e-5 like the
+#     CPU, then the zero-3 rows without accumulation as time allows.
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -19,7 +18,9 @@ mkdir -p "$OUT"
 export PYTHONPATH=$(ls -d "$PWD"/packages/*/src | tr '\n' ':')${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-if [ "${PART:-1}" = 1 ]; then
+MPI=(mpirun -n 2 --allow-run-as-root --oversubscribe --bind-to none -x PYTHONPATH -x PYTHONUNBUFFERED)
+case "${PART:-1}" in
+1)
   timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/cli/test_step.py tests/quant/test_recipe.py \
     tests/models/test_models_recipes.py > "$OUT/pytest_gpu.log" 2>&1
   tail -3 "$OUT/pytest_gpu.log"
@@ -30,12 +31,18 @@ if [ "${PART:-1}" = 1 ]; then
   timeout 200 python3 tools/bench/bench_offload.py --budget-s 180 \
     --rows qwen3-4b:full:none,qwen3-8b:full:offload_both:stream:16 --out "$OUT/offload.csv" \
     --json "$OUT/offload.json" 2>&1 | tee "$OUT/bench_offload.log" | tail -8
-else
-  MPI=(mpirun -n 2 --allow-run-as-root --oversubscribe --bind-to none -x PYTHONPATH -x PYTHONUNBUFFERED)
-  DEADLINE=$(( $(date +%s) + 200 ))
-  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b \
-    --modes full,lora --accum 4 --steps 6 --warmup 2 --deadline "$DEADLINE" --out "$OUT/dist.jsonl" | tail -4
-  timeout 150 "${MPI[@]}" python3 tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes full,lora \
-    --zeros 0,1 --accum 4 --steps 6 --warmup 2 --deadline "$DEADLINE" --out "$OUT/dist.jsonl" | tail -8
-  timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/dist/test_dist_gpu.py 2>&1 | tail -3
-fi
+  ;;
+2)
+  DEADLINE=$(( $(date +%s) + 330 ))
+  BENCH=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes full,lora --accum 4 --steps 6 --warmup 2
+         --deadline "$DEADLINE" --out "$OUT/dist.jsonl")
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 "${BENCH[@]}" | tail -4
+  timeout 150 "${MPI[@]}" python3 "${BENCH[@]}" --zeros 0,1 | tail -8
+  timeout 120 "${MPI[@]}" python3 "${BENCH[@]}" --zeros 3 2>&1 | tail -12
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/dist/test_dist_gpu.py 2>&1 | tail -3
+  ;;
+3)
+  EQ_DTYPE=float32 EQ_ZEROS="0 1 2 3" EQ_TIMEOUT=75 BENCH_ZEROS=3 BENCH_MODES=lora,full EAGER_TOO=0 \
+    bash tools/gpu_dist_check.sh 2>&1 | tail -30
+  ;;
+esac

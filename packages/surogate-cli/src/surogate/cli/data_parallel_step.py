@@ -6,7 +6,7 @@ level keeps where: surogate.cli.distributed's module doc."""
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -179,27 +179,25 @@ class Zero2Step(ZeroStep):
 
 
 class Zero3Step(ZeroStep):
-    """zero 3: weights gathered per layer by the model's provider inside each micro-step (collectives from Python:
-    no CUDA graphs), gradients reduce-scattered per layer as backward completes them (by the provider)."""
+    """zero 3: every micro-step gathers each part's weights ahead of use (the model's provider, GatheredParameters)
+    and reduce-scatters its gradients as backward completes them, all inside the micro-step, so inside its CUDA
+    graph: the Python that decides what to gather, prefetch and reduce runs once, at capture; replays repeat the
+    same collectives and kernels on the same buffers."""
 
     def __init__(self, world, model, groups, *, gathered, **kwargs):
         super().__init__(world, model, groups, **kwargs)
         self.gathered = gathered
-        self.cuda_graphs = False
 
     def _overlap(self) -> GradReadiness | None:
         return None  # the provider knows when a layer's gradients are complete
 
     def _reduces_in_micro(self, last: bool) -> bool:
-        return False
-
-    def _reduction(self, reduce: bool):
-        return nullcontext()
+        return True
 
     @contextmanager
-    def _micro_scope(self):
+    def _reduction(self, reduce: bool):
         with ExitStack() as stack:
-            for g in self.groups:
+            for g in self.groups:  # entered first, left last: the reductions are launched and waited for
                 stack.enter_context(g.dp.micro_step(last=True))
             stack.enter_context(self.gathered.scope())
             yield

@@ -29,8 +29,9 @@ sharded, 3 = + weights sharded):
   norm + lm_head; with LoRA only the adapters are trainable: the frozen base weights stay replicated); the model's
   weights_provider (surogate.dist.GatheredParameters) all-gathers a layer's weights before its forward, frees
   them after, gathers them again for its backward (prefetching one layer ahead both ways) and reduce-scatters its
-  gradients as soon as they are complete. The gathers are collectives driven from Python per layer, so the step
-  runs eagerly (no CUDA graphs; logged). Evaluation runs on every rank (each forward gathers); at the end
+  gradients as soon as they are complete, all inside the micro-step, so inside its CUDA graph (the Python that
+  drives the gathers runs at capture; replays repeat its collectives). Evaluation runs on every rank (each forward
+  gathers, eagerly); at the end
   `unshard` gathers the trained weights into rank 0's model, which saves them.
 - Start: every rank builds the same model (same seed) and rank 0's trainable weights are broadcast anyway.
 - Only rank 0 (`is_main`) writes: output_dir, logs, metrics, checkpoints (gathered: the same files as one
@@ -141,8 +142,6 @@ class Processes:
                 f"zero_level {self.zero_level}")
         if self.offload_grads:
             text += ", gradient shards in host memory (offload_grads)"
-        if self.zero_level == 3 and w.device.type == "cuda":
-            text += "; CUDA graphs off (ZeRO-3 gathers each layer's weights with collectives driven from Python)"
         return text
 
     # -------------------------------------------------------------------------------------- data

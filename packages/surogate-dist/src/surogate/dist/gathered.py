@@ -197,6 +197,8 @@ class GatheredParameters:
 
     def _reset(self) -> None:
         self._release_except(set())
+        for dp in self.engines:  # a prefetch nobody used: waited for (a CUDA-graph capture must join it)
+            dp.sharded.release_all()
         self._uses.clear()
         self._packed.clear()
         self._cursor = -1

@@ -186,8 +186,12 @@ def init(device: str | torch.device | None = None, *, timeout: timedelta | None 
     # Tear the process down when an NCCL collective times out or fails (instead of hanging);
     # NVLink SHARP (multicast) stays off unless the user turns it on: it needs fabric-manager multicast
     # support that containers and VMs often lack, and fails at the first collective there.
+    # A collective's buffers are kept alive by its work object until wait() rather than by recordStream, so a
+    # ZeRO-3 gather buffer freed after use is reused at once (also while a CUDA graph is being captured, where a
+    # block with recorded stream uses is held until the capture ends).
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
     backend = "nccl" if dev.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
