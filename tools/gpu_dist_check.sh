@@ -9,6 +9,9 @@
 # Usage: bash tools/gpu_dist_check.sh            (on the GPU box, from anywhere)
 #        EQ_ZEROS="0 1 2 3" BENCH_ZEROS=0,1,3 BENCH_MODES=lora,full EAGER_TOO=1 EQ_TIMEOUT=150 (the defaults)
 #        EQ_DTYPE=float32: the equivalence runs in fp32 on the GPUs too, held to the CPU's 1e-5 (default auto: bf16)
+#        SKIP_BENCH=1: (a) only. EQ_MODES="full lora" (the default) picks the modes. EQ_REF=b1x4: the 1-process
+#        reference runs micro-batch 1 with 4 micro-steps per step instead of micro-batch 2 with 2 (the same rows per
+#        step, and each GEMM the shape each rank runs: cuBLAS picks kernels by shape, so fp32 sums change with it)
 #        SUROGATE_DIST_CPU=1 bash tools/gpu_dist_check.sh   (the same steps on the CPU, tiny shapes: a smoke test)
 # PYTHON and MPIRUN pick the interpreter and launcher (default python3 and mpirun).
 set -u
@@ -40,7 +43,7 @@ fi
 surogate() { "$PY" -m surogate.cli.app "$@"; }
 
 # ---------------------------------------------------------------------------------------------- (a) equivalence
-echo "== (a) 2 ranks x micro-batch 1 vs 1 process x micro-batch 2, zero 0-3, full and LoRA"
+echo "== (a) 2 ranks x micro-batch 1 vs 1 process (${EQ_REF:-b2}), zero ${EQ_ZEROS:-0 1 2 3}, ${EQ_MODES:-full lora}"
 EQ=$OUT/equivalence
 rm -rf "$EQ" && mkdir -p "$EQ"
 "$PY" - "$EQ" "${EQ_DTYPE:-auto}" <<'EOF'
@@ -51,16 +54,15 @@ import cli_runs  # the CLI tests' config writer (quickstart model and data)
 modes = {"full": {"lora": False}, "lora": {"lora": True, "lora_rank": 8, "lora_alpha": 16,
                                             "lora_target_modules": "all-linear"}}
 for mode, extra in modes.items():
-    for b in (1, 2):
-        cli_runs.write_config(Path(sys.argv[1]) / f"{mode}-b{b}", per_device_train_batch_size=b, max_steps=6,
-                              sequence_len=64, gradient_accumulation_steps=2, eval_steps=0, save_steps=0,
+    for name, b, accum in ((f"{mode}-b1", 1, 2), (f"{mode}-b2", 2, 2), (f"{mode}-b1x4", 1, 4)):
+        cli_runs.write_config(Path(sys.argv[1]) / name, per_device_train_batch_size=b, max_steps=6,
+                              sequence_len=64, gradient_accumulation_steps=accum, eval_steps=0, save_steps=0,
                               eval_exact_match_samples=0, logging_steps=1, learning_rate=1e-3, warmup_steps=1,
-                              torch_dtype=sys.argv[2],
-                              **extra)
+                              torch_dtype=sys.argv[2], **extra)
 EOF
-for mode in full lora; do
+for mode in ${EQ_MODES:-full lora}; do
   for run in ref noise; do  # one process twice: the second run is the noise floor (FlashAttention's atomic dq)
-    timeout 120 "$PY" -m surogate.cli.app sft "$EQ/$mode-b2/run.yaml" output_dir="$EQ/$mode-$run" \
+    timeout 120 "$PY" -m surogate.cli.app sft "$EQ/$mode-${EQ_REF:-b2}/run.yaml" output_dir="$EQ/$mode-$run" \
       > "$EQ/$mode-$run.log" 2>&1 || echo "FAILED: 1 process $mode ($run), see $EQ/$mode-$run.log"
   done
   for zero in ${EQ_ZEROS:-0 1 2 3}; do
@@ -98,6 +100,8 @@ failed = 0
 rows = []
 for mode in ("full", "lora"):
     ref = eq / f"{mode}-ref"
+    if not any((eq / f"{mode}-{run}").exists() for run in ("ref", "z0", "z1", "z2", "z3")):
+        continue  # not run (EQ_MODES)
     try:
         noise = diff(eq / f"{mode}-noise", ref, mode)
     except Exception as e:
@@ -120,6 +124,7 @@ for mode in ("full", "lora"):
 print(f"equivalence: {'all passed' if not failed else f'{failed} FAILED'} (tolerance {tol:g} or 3x noise)")
 EOF
 echo "(a) took $(( $(date +%s) - START )) s"
+[ "${SKIP_BENCH:-0}" = 1 ] && exit 0
 
 # ---------------------------------------------------------------------------------------------- (b) throughput
 echo "== (b) throughput, 1 GPU then 2 GPUs"

@@ -11,6 +11,7 @@
 # Part 3, two GPUs (about 6 minutes): "PART=3 bash tools/gpu_pending.sh"
 #   - issue 8: the 2-rank equivalence in fp32 on the GPUs (zero 0-3, zero 3 now with graphs), held to 1e-5 like the
 #     CPU, then the zero-3 rows without accumulation as time allows.
+# Part 4, two GPUs (about 8 minutes): "PART=4 bash tools/gpu_pending.sh": see below.
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -44,5 +45,20 @@ case "${PART:-1}" in
 3)
   EQ_DTYPE=float32 EQ_ZEROS="0 1 2 3" EQ_TIMEOUT=75 BENCH_ZEROS=3 BENCH_MODES=lora,full EAGER_TOO=0 \
     bash tools/gpu_dist_check.sh 2>&1 | tail -30
+  ;;
+4)
+  # zero 3 with bf16 reduce-scatters and the backward prefetch from a live part: scaling at accumulation 4 against
+  # the 1-GPU rows of this machine; the equivalence of zero 3 in bf16 (its numerics changed), then fp32 full
+  # fine-tuning against the same-shape reference (micro-batch 1 x 4); nvfp4's 1-D weights on the GPU.
+  DEADLINE=$(( $(date +%s) + 200 ))
+  BENCH=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --accum 4 --steps 6 --warmup 2
+         --deadline "$DEADLINE" --out "$OUT/dist.jsonl")
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 "${BENCH[@]}" --modes full | tail -2
+  timeout 150 "${MPI[@]}" python3 "${BENCH[@]}" --modes full,lora --zeros 3 2>&1 | grep "^{" | tail -4
+  CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/quant/test_recipe.py \
+    -k nvfp4 2>&1 | tail -2
+  OUT=$OUT/bf16 EQ_ZEROS=3 EQ_TIMEOUT=75 SKIP_BENCH=1 bash tools/gpu_dist_check.sh 2>&1 | grep "zero\|noise\|equivalence:"
+  OUT=$OUT/fp32 EQ_DTYPE=float32 EQ_MODES=full EQ_REF=b1x4 EQ_TIMEOUT=75 SKIP_BENCH=1 bash tools/gpu_dist_check.sh \
+    2>&1 | grep "zero\|noise\|equivalence:"
   ;;
 esac

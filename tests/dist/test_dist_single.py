@@ -119,7 +119,7 @@ def test_step_updates_what_the_model_reads(world, zero, dtype, generator):
         for g in reversed(range(3)):
             dp.grad_buffer(g).add_(grad[dp.layout.canonical_span(g)])
             dp.grad_ready(g)
-    grad = grad.to(dtype).float() if zero < 3 else grad  # ZeRO 0-2 accumulate in the grads buffer's dtype
+    grad = grad.to(dtype).float()  # every level accumulates in the weights' dtype (ZeRO-3: its scratch)
     torch.testing.assert_close(dp.grad_norm(), torch.linalg.vector_norm(grad))
     dp.step(sgd)
     torch.testing.assert_close(dp.full_master(), before - 0.1 * grad, rtol=0, atol=1e-6)

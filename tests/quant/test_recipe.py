@@ -223,13 +223,14 @@ def test_fp8_hybrid_on_gpu_uses_scaled_mm(generator):
 
 
 @pytest.mark.gpu
-def test_nvfp4_recipe_on_gpu_matches_cpu(generator):
+@pytest.mark.parametrize("one_d_weights", [False, True])
+def test_nvfp4_recipe_on_gpu_matches_cpu(one_d_weights, generator):
     """The same NVFP4 operands (kernels are bit-identical to the references); the GPU multiplies them in BF16,
-    the CPU in fp32: results agree to bf16 rounding."""
+    the CPU in fp32: results agree to bf16 rounding. With and without fp4_disable_2d_quantization."""
     x, w, dy = inputs(generator, m=(2, 1000), k=2048, n=1024, dtype=torch.bfloat16)
     outs = []
     for device in ("cpu", "cuda"):
-        recipe = Recipe("nvfp4", n_layers=1, seed=5)
+        recipe = Recipe("nvfp4", n_layers=1, seed=5, fp4_disable_2d_quantization=one_d_weights)
         outs.append(run(recipe, recipe.linear("up_proj", 0), x.to(device), w.to(device), dy.to(device)))
     for a, b, name in zip(*outs, ("y", "dx", "dW"), strict=True):
         assert_close(b.cpu(), a.double(), torch.bfloat16, name, factor=2.0)

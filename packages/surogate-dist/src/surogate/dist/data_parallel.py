@@ -3,7 +3,8 @@
 Every rank runs the same model on its own rows; gradients are reduced over ranks bucket by bucket (FlatLayout),
 each bucket launched asynchronously as soon as its groups' gradients are complete (`grad_ready`), all waited
 for at the end of the micro-step. Reductions run in the gradient buffer's dtype (fp32 or the model's bf16; NCCL
-accumulates bf16 in fp32 per hop, rounding each partial sum to bf16); the ZeRO gradient shard is always fp32.
+accumulates bf16 in fp32 per hop, rounding each partial sum to bf16; ZeRO-3's per-bucket scratch has the dtype of
+`params`, so a bf16 model reduce-scatters bf16 as zero 0-2 do); the ZeRO gradient shard is always fp32.
 `average=True` divides by the world size (mean-reduced losses), `average=False` sums (the trainer already
 divided by the global token count). Optimizer math is the caller's `step_fn(master, grads, state, work)`,
 elementwise over flat buffers: it updates the fp32 master and state in place and, when `work` is not None (the
@@ -100,7 +101,7 @@ class DataParallel:
         params: flat weights the model reads, `layout.numel` elements (fp32 or bf16), on world.device. At ZeRO-3
             only their shard is kept: drop your reference after construction.
         grads: flat gradient buffer (`layout.numel`, fp32 or bf16) the model accumulates into; None at ZeRO-3
-            (the engine hands out fp32 per-bucket scratch through `grad_buffer`).
+            (the engine hands out per-bucket scratch, in params' dtype, through `grad_buffer`).
         zero: 0 (plain data parallel), 1, 2 or 3.
         make_state: builds the optimizer state from the fp32 master (full or shard), e.g.
             `lambda p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}`.
@@ -184,6 +185,7 @@ class DataParallel:
         self._launched = [False] * n
         self._pending: list[Handle] = []
         self._grad_scratch: dict[int, torch.Tensor] = {}
+        self._scratch_dtype = params.dtype  # ZeRO-3's gradient scratch: the weights' dtype, like zero 0-2's grads
         self._hook_counts: dict[int, int] = {}
 
     # -- weights and gradients of one group (uniform over ZeRO levels) ----------------------------------------
@@ -216,7 +218,7 @@ class DataParallel:
             raise RuntimeError(f"group {group}'s bucket was already reduced in this micro-step (grad_ready called)")
         scratch = self._grad_scratch.get(b)
         if scratch is None:
-            scratch = torch.zeros(self.layout.buckets[b].numel, dtype=torch.float32, device=self.world.device)
+            scratch = torch.zeros(self.layout.buckets[b].numel, dtype=self._scratch_dtype, device=self.world.device)
             self._grad_scratch[b] = scratch
         return scratch[self.layout.group_span_in_bucket(group)]
 
@@ -310,7 +312,7 @@ class DataParallel:
         if self.zero == 3:
             full = self._grad_scratch.pop(b, None)
             if full is None:  # no gradient for this bucket on this rank: it still takes part in the collective
-                full = torch.zeros(bucket.numel, dtype=torch.float32, device=self.world.device)
+                full = torch.zeros(bucket.numel, dtype=self._scratch_dtype, device=self.world.device)
         else:
             full = self.grads[bucket.span]
         own = full.view(self.world.world_size, -1)[self.world.rank]

@@ -13,13 +13,14 @@ of one autograd Function (`_Gather`) whose inputs are the parameters themselves.
     saved     inside `scope()`, saved-tensor hooks replace a gathered weight that a Function saves for backward
               by a token (part, offset, shape): the full weights are not kept alive from forward to backward.
     backward  a token is unpacked by gathering its part again (releasing the others) and prefetching the next
-              lower part that still has tokens; `_Gather.backward` adds the weights' gradients (fp32) into the
-              engine's gradient scratch of the part and, once every use of the part in this micro-step has its
+              lower part that still has tokens; `_Gather.backward` adds the weights' gradients into the engine's
+              gradient scratch of the part and, once every use of the part in this micro-step has its
               gradient, calls `grad_ready(part)`: the part's reduce-scatter starts while backward goes on.
 
 Numerics: the gathered weights are the shard's dtype (the model's, e.g. bf16: all-gathered bit for bit); their
-gradients are summed in fp32 in the scratch (several uses of one part, e.g. tied embeddings, add up there), then
-reduce-scattered in fp32 into the fp32 gradient shard. Between calls a registered parameter holds a 1-element
+gradients are summed in the scratch in that same dtype, as autograd sums a replicated parameter's uses at zero
+0-2 (several uses of one part, e.g. tied embeddings, add up there), reduce-scattered in it (for a bf16 model half
+the bytes of fp32) and added into the fp32 gradient shard. Between calls a registered parameter holds a 1-element
 NaN placeholder expanded to its shape (no memory): code that reads it directly gets NaNs, never stale weights;
 `unshard()` writes the full weights back into the parameters (collective) for saving and generation.
 """
@@ -221,12 +222,14 @@ class GatheredParameters:
         if part not in self._live:
             self._release_except({key for key in self._live if key[1] == g})
             self._gather(k, g)
-            lower = [q for (kk, q), n in self._packed.items() if n > 0 and q < g and (kk, q) not in self._live]
-            if lower:  # the next part backward will need: its all-gather overlaps this part's backward
-                nxt = max(lower)
-                for kk, q in self._packed:
-                    if q == nxt and self._packed[(kk, q)] > 0:
-                        self.engines[kk].prefetch(q)
+        # the next part backward will need (also when this one was still live from forward, as the head is at the
+        # start of backward): its all-gather overlaps this part's backward; a no-op once it is in flight
+        lower = [q for (kk, q), n in self._packed.items() if n > 0 and q < g and (kk, q) not in self._live]
+        if lower:
+            nxt = max(lower)
+            for (kk, q), n in self._packed.items():
+                if q == nxt and n > 0:
+                    self.engines[kk].prefetch(q)
         return self._view(saved.key)
 
     # -- gradients ------------------------------------------------------------------------------------------------
