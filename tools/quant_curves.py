@@ -7,7 +7,7 @@ Two families, each with its own BF16 reference; every run sees the same rows in 
 curves differ only by the numerics:
 - full fine-tuning of the random quickstart model (examples/quickstart/model: Qwen3, hidden 128, intermediate 384,
   2 layers; every quantised GEMM dimension a multiple of 128, so FP8 tiles and NVFP4 16-blocks fit without
-  padding): bf16 (reference), fp8-hybrid, nvfp4 (last layer BF16, as the reference runs it), nvfp4-all-layers
+  padding): bf16 (reference), fp8-hybrid, nvfp4 (its default: the last layer BF16), nvfp4-all-layers
   (a known limitation: it stalls), nvfp4-1d-weights (every layer, weights in 1-D blocks), and optimizer adamw_8bit
   (when the trainer supports it).
 - LoRA (rank 16, every linear) on a base made first by --base-steps of BF16 full fine-tuning (a LoRA on the
@@ -62,13 +62,15 @@ LORA = ["lora=true", "lora_rank=16", "lora_alpha=32", "lora_target_modules=all-l
 MODES = [
     Mode("bf16", "full", reference=True),
     Mode("fp8-hybrid", "full", ["recipe=fp8-hybrid"]),
-    # nvfp4 as the reference Surogate runs it (its fp4 benchmark keeps the last 4 of 28 layers in BF16; the NVFP4
-    # paper ~15%): here the last of the 2 layers. Every layer NVFP4 stalls at ~0.2 on this task (ablations:
-    # benchmarks/quant_curves_nvfp4_ablation.csv), reported as a known limitation.
-    Mode("nvfp4", "full", ["recipe=nvfp4", "skip_quant_last_layers=1"]),
-    Mode("nvfp4-all-layers", "full", ["recipe=nvfp4"], known="every layer NVFP4 (2-layer model): stalls near 0.2, "
-         "see benchmarks/quant_curves_nvfp4_ablation.csv; keep the last layers BF16"),
-    Mode("nvfp4-1d-weights", "full", ["recipe=nvfp4", "fp4_disable_2d_quantization=true"]),  # every layer, 1-D W
+    # nvfp4 with its defaults: the last 15% of the layers in BF16, at least 1 (here the last of the 2 layers; the
+    # reference's fp4 benchmark keeps 4 of 28, the NVFP4 paper ~15%). Every layer NVFP4 in 16x16 weight tiles stalls
+    # at ~0.2 on this task (ablations: benchmarks/quant_curves_nvfp4_ablation.csv), reported as a known limitation.
+    Mode("nvfp4", "full", ["recipe=nvfp4"]),
+    Mode("nvfp4-all-layers", "full", ["recipe=nvfp4", "skip_quant_last_layers=0"],
+         known="every layer NVFP4 (2-layer model): stalls near 0.2, see benchmarks/quant_curves_nvfp4_ablation.csv; "
+               "keep the last layers BF16 (the default) or use fp4_disable_2d_quantization"),
+    Mode("nvfp4-1d-weights", "full",  # every layer NVFP4, weights in 1-D blocks
+         ["recipe=nvfp4", "skip_quant_last_layers=0", "fp4_disable_2d_quantization=true"]),
     Mode("adamw_8bit", "full", ["optimizer=adamw_8bit"]),
     Mode("lora-bf16", "lora", LORA, reference=True),
     Mode("qlora_fp8", "lora", [*LORA, "qlora_fp8=true"]),

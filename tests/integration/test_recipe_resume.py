@@ -75,6 +75,12 @@ def test_skip_quant_layers_and_fp8_keys_reach_the_recipe(tmp_path, capsys):
     assert code == 0, err
     assert "last 1 layers in BF16" in text and "4 of 8 linear layers quantised" in text, text
     assert "1-D blocks for weights" in text, text
+    code, text, err = run(["sft", write_config(tmp_path / "nvfp4-default", recipe="nvfp4", max_steps=1, eval_steps=0,
+                                               eval_exact_match_samples=0)], capsys)
+    assert code == 0 and "last 1 layers in BF16" in text, err  # nvfp4's default: 15% of the layers, at least 1
+    code, text, err = run(["sft", write_config(tmp_path / "nvfp4-all", recipe="nvfp4", skip_quant_last_layers=0,
+                                               max_steps=1, eval_steps=0, eval_exact_match_samples=0)], capsys)
+    assert code == 0 and "8 of 8 linear layers quantised" in text and "layers in BF16" not in text, text
     out = tmp_path / "fp8"
     code, text, err = run(["sft", write_config(out, recipe="fp8-hybrid", fp8_amax_history=16, fp8_margin=1,
                                                max_steps=2, save_steps=1, eval_steps=0,
@@ -85,3 +91,9 @@ def test_skip_quant_layers_and_fp8_keys_reach_the_recipe(tmp_path, capsys):
     code, text, err = run(["sft", write_config(tmp_path / "bad", recipe="fp8-hybrid", skip_quant_first_layers=2,
                                                skip_quant_last_layers=1, max_steps=1)], capsys)
     assert code == 2 and "skip_quant_last_layers" in err and "Traceback" not in err, err
+
+
+def test_nvfp4_keeps_fifteen_percent_of_the_last_layers_in_bf16_by_default():
+    from surogate.cli.train import nvfp4_bf16_last_layers
+
+    assert [nvfp4_bf16_last_layers(n) for n in (1, 2, 16, 28, 36, 80)] == [1, 1, 2, 4, 5, 12]

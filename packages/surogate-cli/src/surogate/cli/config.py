@@ -142,9 +142,10 @@ class Config:
                        choices=("bf16", "fp8-hybrid", "nvfp4"))
     skip_quant_first_layers: int = _opt(0, "recipe fp8-hybrid / nvfp4: the first N transformer layers stay BF16",
                                         check=_NON_NEGATIVE)
-    skip_quant_last_layers: int = _opt(0, "recipe fp8-hybrid / nvfp4: the last N layers stay BF16 (nvfp4: the "
-                                       "reference Surogate's runs keep 2-4, the NVFP4 paper ~15% of the layers)",
-                                       check=_NON_NEGATIVE)
+    skip_quant_last_layers: int | None = _opt(None, "recipe fp8-hybrid / nvfp4: the last N layers stay BF16; default "
+                                              "0 for fp8-hybrid, for nvfp4 15% of the layers, at least 1 (4 of "
+                                              "28, as the reference's fp4 runs; the NVFP4 paper ~15%); 0: none",
+                                              check=_NON_NEGATIVE)
     fp4_disable_2d_quantization: bool = _opt(False, "nvfp4: weights in 1-D blocks of 16 instead of 16x16 tiles "
                                              "(finer scales; forward and dgrad then quantise W differently)")
     fp8_amax_history: int = _opt(1024, "fp8-hybrid: length of the delayed-scaling amax history (steps)",
