@@ -11,7 +11,7 @@
 # Part 3, two GPUs (about 6 minutes): "PART=3 bash tools/gpu_pending.sh"
 #   - issue 8: the 2-rank equivalence in fp32 on the GPUs (zero 0-3, zero 3 now with graphs), held to 1e-5 like the
 #     CPU, then the zero-3 rows without accumulation as time allows.
-# Part 4, two GPUs (about 8 minutes): "PART=4 bash tools/gpu_pending.sh": see below.
+# Part 4, two GPUs (about 8 minutes): "PART=4 bash tools/gpu_pending.sh": see below. Part 5 (about 3 minutes) too.
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -60,5 +60,15 @@ case "${PART:-1}" in
   OUT=$OUT/bf16 EQ_ZEROS=3 EQ_TIMEOUT=75 SKIP_BENCH=1 bash tools/gpu_dist_check.sh 2>&1 | grep "zero\|noise\|equivalence:"
   OUT=$OUT/fp32 EQ_DTYPE=float32 EQ_MODES=full EQ_REF=b1x4 EQ_TIMEOUT=75 SKIP_BENCH=1 bash tools/gpu_dist_check.sh \
     2>&1 | grep "zero\|noise\|equivalence:"
+  ;;
+5)
+  # zero 3, full fine-tuning: the tied embedding gathered once per forward (kept for the head); then the same with
+  # NCCL limited to 8 channels (fewer SMs taken from the GEMMs the collectives overlap). 1-GPU rows first.
+  BENCH=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes full --accum 4 --steps 6 --warmup 2)
+  CUDA_VISIBLE_DEVICES=0 timeout 80 python3 "${BENCH[@]}" --out "$OUT/dist.jsonl" | tail -2
+  timeout 90 "${MPI[@]}" python3 "${BENCH[@]}" --zeros 3 --out "$OUT/dist.jsonl" 2>&1 | grep "^{"
+  echo "== NCCL_MAX_NCHANNELS=8"
+  NCCL_MAX_NCHANNELS=8 timeout 90 "${MPI[@]}" -x NCCL_MAX_NCHANNELS python3 "${BENCH[@]}" --zeros 3 \
+    --out "$OUT/dist_nccl8.jsonl" 2>&1 | grep "^{"
   ;;
 esac

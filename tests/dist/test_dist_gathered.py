@@ -115,6 +115,31 @@ def _nothing():
     return nullcontext()
 
 
+def test_a_tied_embedding_is_gathered_once_per_forward(world, monkeypatch):
+    """order [0, 1, ..., L+1, 0]: the embedding part stays gathered for the head instead of being gathered again;
+    every layer part is gathered once."""
+    launched = []
+    prefetch = sd.ShardedParameters.prefetch
+
+    def counting(self, group):
+        b = self.layout.group_bucket[group] if 0 <= group < len(self.layout.group_sizes) else None
+        if b is not None and b not in self._full and b not in self._inflight and self.layout.group_sizes[group]:
+            launched.append(group)
+        prefetch(self, group)
+
+    monkeypatch.setattr(sd.ShardedParameters, "prefetch", counting)
+    model = _model(True, False, None)
+    gathered, engines = _shard(world, model, True)
+    model.weights_provider = gathered
+    ids, labels, pos = _batch()
+    with torch.no_grad():
+        model.loss_sum(ids, labels, pos)
+    matrices = engines[0][0]  # the embedding is a matrix: part 0 of the first engine
+    assert launched.count(0) == 1, launched
+    assert all(launched.count(g) <= len(engines) for g in range(1, model.config.num_layers + 2)), launched
+    assert matrices.layout.group_sizes[0] > 0
+
+
 def test_eval_without_grad_gathers_and_counts_no_uses(world):
     model = _model(True, False, None)
     ids, labels, pos = _batch()

@@ -9,7 +9,8 @@ given, a view of its part's all-gathered weights (other tensors and None pass th
 of one autograd Function (`_Gather`) whose inputs are the parameters themselves.
 
     forward   a call gathers its parts (waiting for a prefetch when one is in flight), releases every other
-              gathered part (the previous layer) and prefetches the part that comes next in `order`.
+              gathered part (the previous layer) but one that `order` asks for again later (a tied embedding
+              stays for the head: one gather instead of two) and prefetches the part that comes next in `order`.
     saved     inside `scope()`, saved-tensor hooks replace a gathered weight that a Function saves for backward
               by a token (part, offset, shape): the full weights are not kept alive from forward to backward.
     backward  a token is unpacked by gathering its part again (releasing the others) and prefetching the next
@@ -153,12 +154,13 @@ class GatheredParameters:
 
     def _gather_forward(self, keys: tuple, track: bool) -> tuple[torch.Tensor, ...]:
         parts = sorted({(k, g) for k, g, _, _ in keys})
-        self._release_except({p for p in parts})
+        nxt = self._next_in_order({g for _, g in parts})
+        again = set(self.order[self._cursor + 1 :])  # parts this forward asks for again (a tied embedding)
+        self._release_except(set(parts) | {p for p in self._live if p[1] in again})
         for key in parts:
             self._gather(*key)
             if track:
                 self._uses[key] = self._uses.get(key, 0) + 1
-        nxt = self._next_in_order({g for _, g in parts})
         if nxt is not None:
             for k, dp in enumerate(self.engines):
                 if (k, nxt) not in self._live and dp.layout.group_sizes[nxt] > 0:
