@@ -12,6 +12,7 @@
 #   - issue 8: the 2-rank equivalence in fp32 on the GPUs (zero 0-3, zero 3 now with graphs), held to 1e-5 like the
 #     CPU, then the zero-3 rows without accumulation as time allows.
 # Part 4, two GPUs (about 8 minutes): "PART=4 bash tools/gpu_pending.sh": see below. Part 5 (about 3 minutes) too.
+# Part 6, one GPU (not run yet): "PART=6 bash tools/gpu_pending.sh", carry [".whl"]: see below.
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -70,5 +71,15 @@ case "${PART:-1}" in
   echo "== NCCL_MAX_NCHANNELS=8"
   NCCL_MAX_NCHANNELS=8 timeout 90 "${MPI[@]}" -x NCCL_MAX_NCHANNELS python3 "${BENCH[@]}" --zeros 3 \
     --out "$OUT/dist_nccl8.jsonl" 2>&1 | grep "^{"
+  ;;
+6)
+  # for the next session (one GPU, about 4 minutes): recompute_block's rerun no longer runs the MLP's down GEMM:
+  # Qwen3-8B LoRA bf16 and QLoRA-NF4 with recompute_block (+ offload_residual) against the rows without recompute
+  # (issue 9's second target compares them), and the gpu tests of recompute and offload.
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/models/test_models_offload.py \
+    tests/models/test_models_gpu.py 2>&1 | tail -2
+  timeout 300 python3 tools/bench/bench_sft.py --modes lora --memory-breakdown --models qwen3-8b \
+    --recipes bf16,qlora-nf4 --frameworks surogate,surogate-ckpt,surogate-ckpt-offload --steps 4 --warmup 2 \
+    --out "$OUT/sft.csv" | tail -8
   ;;
 esac

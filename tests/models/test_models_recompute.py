@@ -71,3 +71,23 @@ def test_lora_with_dropout_equals_no_recompute(spec, folder, generator):
     ids, labels, pos, _ = packed_inputs(generator, [[9, 15]])
     lora = LoraConfig(rank=4, alpha=8, dropout=0.25)
     _same(_run(folder, None, (ids, labels, pos), lora), _run(folder, spec, (ids, labels, pos), lora), spec)
+
+
+def test_block_recompute_skips_the_down_projection(folder, generator, monkeypatch):
+    """recompute_block's rerun leaves out the MLP's down GEMM (backward never reads its output): per layer the MLP
+    projects twice in forward (gate_up, down) and once in backward (gate_up); the numbers are the same as above."""
+    from surogate.models.blocks import mlp
+
+    calls = []
+    real = mlp.projection_forward
+
+    def counting(x, weight, *args, **kwargs):
+        calls.append(tuple(weight.shape))
+        return real(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(mlp, "projection_forward", counting)
+    ids, labels, pos, _ = packed_inputs(generator, [[9, 15], [24]])
+    _run(folder, "block", (ids, labels, pos))
+    layers = 3
+    gate_up = [c for c in calls if c[0] > c[1]]  # [2 * intermediate, hidden]
+    assert len(calls) == 3 * layers and len(gate_up) == 2 * layers, calls

@@ -1,6 +1,7 @@
 """recompute_block: a whole transformer layer (attention half + MLP half) as one autograd Function that keeps
 only the layer's input residual h (and LoRA dropout masks); backward reruns both halves' forward from h with
-everything kept, then runs the MLP backward and the attention backward (the same functions the halves use).
+everything kept (except the MLP's down projection, whose output backward never reads), then runs the MLP backward
+and the attention backward (the same functions the halves use).
 
 The rerun attention half starts from h with a plain RMSNorm, where forward fused the residual add into it:
 h is the same tensor and the norm is the same math, so the numbers do not change.
@@ -59,7 +60,7 @@ class RecomputedBlock(torch.autograd.Function):
         masks_m = {k[4:]: v for k, v in saved.items() if k.startswith("mlp.")}
         with torch.no_grad():
             h, y, acts_a = attention.forward(saved["h"], None, wa, bc, keep_pre=True, masks=masks_a)
-            _, _, acts_m = mlp.forward(h, y, wm, bc, masks=masks_m)
+            acts_m = mlp.backward_inputs(h, y, wm, bc, masks_m)  # no down projection: backward does not read z
         del y
         needs = ctx.needs_input_grad
         need = dict(zip(SLOTS, needs[4:], strict=True))

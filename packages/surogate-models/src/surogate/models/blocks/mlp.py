@@ -95,6 +95,13 @@ def rebuild(acts: dict, w: dict, bc: BlockContext) -> dict:
     return acts
 
 
+def backward_inputs(residual, delta, w: dict, bc: BlockContext, masks: dict) -> dict:
+    """What backward reads, rebuilt from the half's inputs and saved dropout masks (recompute_block): forward's
+    stages without the down projection, whose output z backward never reads (a third of the MLP's GEMM work)."""
+    ln, h, rstd = _ops.fused_add_rms_norm_forward(residual, delta, w["ln"], bc.config.rms_norm_eps)
+    return rebuild({"h": h, "ln": ln, "rstd": rstd, **masks}, w, bc)
+
+
 def backward(acts: dict, dh, dz, w: dict, bc: BlockContext, need_dx: bool, need: dict):
     """-> (dh_total | None, {slot: grad})."""
     g = {}
