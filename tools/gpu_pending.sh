@@ -13,6 +13,7 @@
 #     CPU, then the zero-3 rows without accumulation as time allows.
 # Part 4, two GPUs (about 8 minutes): "PART=4 bash tools/gpu_pending.sh": see below. Part 5 (about 3 minutes) too.
 # Part 6, one GPU (not run yet): "PART=6 bash tools/gpu_pending.sh", carry [".whl"]: see below.
+# Part 7, two GPUs (not run yet): "PART=7 bash tools/gpu_pending.sh" (kind nvidia-h100-x2): see below.
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -81,5 +82,12 @@ case "${PART:-1}" in
   timeout 300 python3 tools/bench/bench_sft.py --modes lora --memory-breakdown --models qwen3-8b \
     --recipes bf16,qlora-nf4 --frameworks surogate,surogate-ckpt,surogate-ckpt-offload --steps 4 --warmup 2 \
     --out "$OUT/sft.csv" | tail -8
+  ;;
+7)
+  # for the next session (two GPUs, about 3 minutes): where ZeRO-3's extra 20% goes in full fine-tuning. The same
+  # step profiled at one GPU, zero 1 and zero 3 (compute vs NCCL time, overlap, per-category slowdown).
+  P=(tools/bench/profile_dist.py --shape qwen3-1.7b --mode full --accum 4 --steps 2)
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 "${P[@]}" 2>&1 | grep "^\[rank"
+  for z in 1 3; do timeout 120 "${MPI[@]}" python3 "${P[@]}" --zero $z 2>&1 | grep "^\[rank 0"; done
   ;;
 esac

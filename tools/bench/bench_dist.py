@@ -42,7 +42,8 @@ def _config(shape: str) -> dict:
     return c
 
 
-def run(procs, shape: str, mode: str, args, cuda_graphs: bool) -> dict:
+def build(procs, shape: str, mode: str, args, cuda_graphs: bool):
+    """-> (step_fn, batches, config): the trainer's step for this world and ZeRO level, two windows of random rows."""
     from surogate.cli.param_group import param_groups
     from surogate.models import LoraConfig, init_model
 
@@ -64,6 +65,12 @@ def run(procs, shape: str, mode: str, args, cuda_graphs: bool) -> dict:
         ids = torch.randint(0, config["vocab_size"], (args.micro_batch, args.seq_len + 1), generator=g)
         batches.append({"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
                         "position_ids": position_ids})
+    return step_fn, batches, config
+
+
+def run(procs, shape: str, mode: str, args, cuda_graphs: bool) -> dict:
+    device = procs.device
+    step_fn, batches, _ = build(procs, shape, mode, args, cuda_graphs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
