@@ -89,5 +89,9 @@ case "${PART:-1}" in
   P=(tools/bench/profile_dist.py --shape qwen3-1.7b --mode full --accum 4 --steps 2)
   CUDA_VISIBLE_DEVICES=0 timeout 90 python3 "${P[@]}" 2>&1 | grep "^\[rank"
   for z in 1 3; do timeout 120 "${MPI[@]}" python3 "${P[@]}" --zero $z 2>&1 | grep "^\[rank 0"; done
+  # zero 3 in graphs with evaluation and a checkpoint between replays, as users run it (the quickstart, 60 steps)
+  timeout 150 "${MPI[@]}" python3 -m surogate.cli.app sft examples/quickstart/sft.yaml zero_level=3 max_steps=60 \
+    eval_steps=30 save_steps=30 eval_exact_match_samples=20 logging_steps=20 output_dir="$OUT/zero3-cli" 2>&1 \
+    | grep "^step\|^eval\|^done\|rror" | tail -8
   ;;
 esac
