@@ -138,11 +138,13 @@ MEMORY: dict[str, float] = {}  # the last surogate run's memory breakdown (GiB),
 
 
 def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16", cuda_graphs=True, recompute=None,
-                 docs_per_row=1, offload_residual=False):
+                 docs_per_row=1, offload_residual=False, offload_weights=False):
     """Our training step (surogate.cli.step.TrainStep: flat buffers, fused AdamW, CUDA graphs) on the same shapes.
     By default each row is one causal sequence, exactly the attention work the peers do; docs_per_row > 1 packs
     documents (FlashAttention varlen with document masking: less attention work). offload_residual (with
-    recompute="block"): each layer's residual in pinned host memory between forward and backward.
+    recompute="block"): each layer's residual in pinned host memory between forward and backward. offload_weights
+    (LoRA): the frozen base weights in pinned host memory, streamed a layer ahead of use; they are drawn on the GPU
+    here (a loaded model is read into host memory instead), so the returned peak is the training peak alone.
     Fills MEMORY: the peak while the random weights were drawn (init only: loading a checkpoint has no fp32 draw),
     weights (after init), + optimizer (after TrainStep: trainable weights' grads, fp32 master, AdamW states), the
     training peak (warm-up, capture, steps) and the offload host buffers; the returned peak is the whole run's."""
@@ -155,7 +157,7 @@ def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16",
     qlora = recipe.removeprefix("qlora-") if recipe.startswith("qlora-") else None  # e.g. "qlora-nf4"
     model = init_model(config.to_dict() | {"architectures": [arch]}, dtype=torch.bfloat16, device="cuda", lora=lora,
                        recompute=recompute, recipe="bf16" if qlora else recipe, qlora=qlora,
-                       offload_residual=offload_residual)
+                       offload_residual=offload_residual, offload_weights=offload_weights)
     MEMORY.clear()
     MEMORY["init peak"] = torch.cuda.max_memory_allocated() / 2**30
     MEMORY["weights"] = torch.cuda.memory_allocated() / 2**30
@@ -177,6 +179,9 @@ def run_surogate(name, mode, seq_len, micro_batch, steps, warmup, recipe="bf16",
     MEMORY["training peak"] = peak
     if offload_residual:
         MEMORY["offload host"] = model._offload.nbytes()[0] / 2**30
+    if offload_weights:
+        MEMORY["offload host"] = MEMORY.get("offload host", 0.0) + model.host_weights.nbytes()[0] / 2**30
+        return step_s, peak, loss
     return step_s, max(peak, MEMORY["init peak"]), loss
 
 
@@ -198,6 +203,8 @@ FRAMEWORKS = {
     "surogate-ckpt": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, recompute="block"),
     "surogate-ckpt-offload": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, recompute="block",
                                                                        offload_residual=True),
+    "surogate-ckpt-offload-weights": lambda n, m, s, b, st, w, r: run_surogate(
+        n, m, s, b, st, w, recipe=r, recompute="block", offload_residual=True, offload_weights=True),
     "surogate-packed": lambda n, m, s, b, st, w, r: run_surogate(n, m, s, b, st, w, recipe=r, docs_per_row=4),
     "hf": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w),
     "hf-liger": lambda n, m, s, b, st, w, r: run_hf(n, m, s, b, st, w, liger=True),

@@ -164,6 +164,8 @@ class Config:
     zero_level: int = _opt(1, "data parallel under mpirun: 0 plain (replicated), 1 optimizer state sharded, "
                               "2 + gradients, 3 + weights", choices=(0, 1, 2, 3))
     offload_residual: bool = _opt(False, "keep residual activations in host memory")
+    offload_weights: bool = _opt(False, "LoRA: keep the frozen base weights in pinned host memory and stream each "
+                                 "layer's to the GPU just ahead of use (3 layer slots on the GPU)")
     offload_master: bool = _opt(False, "keep the fp32 master weights in pinned host memory (bf16 weights stay on the "
                                 "GPU); the optimizer reads and writes them there")
     offload_optimizer: bool = _opt(False, "keep the AdamW states (fp32 or 8-bit) in pinned host memory")
@@ -427,6 +429,12 @@ def _check_combinations(cfg: Config, problems: _Problems, command: str | None) -
         problems.add(qlora[1], f"choose one QLoRA mode, got {' and '.join(qlora)}")
     if qlora and not cfg.lora:
         problems.add(qlora[0], "QLoRA trains LoRA adapters on a quantised base: set lora: true")
+    if cfg.offload_weights and (not cfg.lora or qlora or cfg.recipe != "bf16"):
+        problems.add("offload_weights", "streams the frozen bf16 base weights of LoRA training: it needs lora: true, "
+                     "no QLoRA mode and recipe: bf16 (or set offload_weights: false)")
+    if cfg.offload_weights and cfg.zero_level == 3:
+        problems.add("offload_weights", "and zero_level 3 both decide where weights live: use zero_level 0-2 with "
+                     "offload_weights (with LoRA, ZeRO-3 shards only the adapters)")
     if cfg.offload_residual and not cfg.recompute_block:
         problems.add("offload_residual", "keeps each layer's input residual in host memory, which is all a layer "
                      "keeps only with recompute_block: set recompute_block: true (or offload_residual: false)")
@@ -506,6 +514,8 @@ def check_supported(cfg: Config, *, device: str, world_size: int = 1, model_opti
             missing.append((key, "true", f"{key}: false (plain LoRA)"))
     if cfg.offload_residual and "offload_residual" not in model_options:
         missing.append(("offload_residual", "true", "offload_residual: false"))
+    if cfg.offload_weights and "offload_weights" not in model_options:
+        missing.append(("offload_weights", "true", "offload_weights: false"))
     if cfg.offload_grads and cfg.zero_level != 2:  # the ZeRO-2 gradient shards are what goes to host memory
         missing.append(("offload_grads", f"true with zero_level {cfg.zero_level}",
                         "zero_level: 2 under mpirun -n N (the fp32 gradient shards then live in host memory), "

@@ -179,6 +179,8 @@ def _load_model(cfg: Config, device):
                                           "double_quant": cfg.qlora_bnb_double_quant}}[qlora[0]]
     if cfg.offload_residual:
         extra["offload_residual"] = True
+    if cfg.offload_weights:
+        extra["offload_weights"] = True
     model = load_pretrained(cfg.model, dtype=dtype, device=device, lora=lora, recompute=flags, **extra)
     model.train()
     return model, dtype

@@ -149,6 +149,8 @@ def memory_report(model) -> MemoryReport:
     quantized_dense = sum(q.shape.numel() * element for q in base)
     adapters = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_" in n)
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_" not in n)
+    streamed, slots = model.host_weights.nbytes() if model.host_weights is not None else (0, 0)
+    dense += slots - streamed  # offload_weights: the base weights are placeholders here, 3 layer slots instead
     parts = []
     if base:
         ratio = quantized / max(quantized_dense, 1)
@@ -158,6 +160,9 @@ def memory_report(model) -> MemoryReport:
         parts.append(f"{dtype_name} weights {_size(dense)} (embeddings, norms, lm_head, biases)")
     else:
         parts.append(f"{dtype_name} weights {_size(dense)}")
+    if streamed:
+        parts.append(f"frozen base weights {_size(streamed)} in host memory (offload_weights; {_size(slots)} of "
+                     "device slots, included above)")
     adapter_text = f"LoRA adapters {_size(adapters)}" if model.lora_config is not None else "no adapters (full)"
     description = (f"weights {_size(quantized + dense + adapters)}: {', '.join(parts)}, {adapter_text}; "
                    f"{model.recipe.describe(model.device)}")

@@ -24,7 +24,8 @@ _DTYPES = (torch.bfloat16, torch.float32)  # what the kernels compute in (fp16 c
 def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                     lora: LoraConfig | None = None, recompute: str | dict | None = None,
                     recipe: str | Recipe | None = None, qlora: str | None = None,
-                    qlora_options: dict | None = None, offload_residual: bool = False) -> CausalLM:
+                    qlora_options: dict | None = None, offload_residual: bool = False,
+                    offload_weights: bool = False) -> CausalLM:
     """Read config.json and model.safetensors (or a sharded index) from `path`.
 
     dtype: the weights' dtype after loading: bf16 or fp32, converted from the files' bf16 / fp16 / fp32.
@@ -37,6 +38,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
         "double_quant": True} (nf4).
     offload_residual: keep each layer's input residual in host memory between forward and backward (needs
         recompute="block"; CausalLM.set_offload_residual).
+    offload_weights: (LoRA) the frozen base weights stay in host memory and stream to `device` a layer ahead of use
+        (CausalLM.set_offload_weights); the model is built on the CPU and only the rest moves to `device`.
     """
     if dtype not in _DTYPES:
         raise ModelError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
@@ -49,19 +52,26 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
     recipe = _quant.resolve_recipe(recipe, config)  # bad arguments fail before the weights are read
     options = _quant.check_qlora(qlora, qlora_options, lora, config)
     convert = _quant.quantizer(qlora, options, dtype)
-    tensors, layout = load_hf(path, config, dtype, torch.device(device), convert)
-    return CausalLM(config, tensors, lora=lora, recompute=recompute, layout=layout, recipe=recipe, qlora=qlora,
-                    qlora_options=options, offload_residual=offload_residual)
+    device = torch.device(device)
+    tensors, layout = load_hf(path, config, dtype, torch.device("cpu") if offload_weights else device, convert)
+    model = CausalLM(config, tensors, lora=lora, recompute=recompute, layout=layout, recipe=recipe, qlora=qlora,
+                     qlora_options=options, offload_residual=offload_residual)
+    if offload_weights:
+        del tensors
+        model.set_offload_weights(device)
+        model.to(device)
+    return model
 
 
 def init_model(config: ModelConfig | dict, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                lora: LoraConfig | None = None, recompute: str | dict | None = None, seed: int = 0,
                std: float = 0.02, recipe: str | Recipe | None = None, qlora: str | None = None,
-               qlora_options: dict | None = None, offload_residual: bool = False) -> CausalLM:
+               qlora_options: dict | None = None, offload_residual: bool = False,
+               offload_weights: bool = False) -> CausalLM:
     """A model with fresh weights (pre-training from scratch, benchmarks): matrices ~ N(0, std), norms 1, biases 0.
     `config` is a ModelConfig or a Hugging Face config.json dict. Drawn on `device` with a seeded generator.
-    recipe, qlora, qlora_options, offload_residual: as in load_pretrained (QLoRA quantises each weight as it is
-    drawn)."""
+    recipe, qlora, qlora_options, offload_residual, offload_weights: as in load_pretrained (QLoRA quantises each
+    weight as it is drawn; offload_weights moves the drawn base weights to host memory afterwards)."""
     if dtype not in _DTYPES:
         raise ModelError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
     if offload_residual:
@@ -86,5 +96,9 @@ def init_model(config: ModelConfig | dict, *, dtype: torch.dtype = torch.bfloat1
             t = torch.randn(shape, generator=generator, device=device).mul_(std).to(dtype)  # in place: one fp32 copy
             tensors[name] = t if convert is None else convert(name, t)
             del t  # with QLoRA: one full-precision weight at a time
-    return CausalLM(config, tensors, lora=lora, recompute=recompute, recipe=recipe, qlora=qlora, qlora_options=options,
-                    offload_residual=offload_residual)
+    model = CausalLM(config, tensors, lora=lora, recompute=recompute, recipe=recipe, qlora=qlora,
+                     qlora_options=options, offload_residual=offload_residual)
+    if offload_weights:
+        del tensors
+        model.set_offload_weights()
+    return model

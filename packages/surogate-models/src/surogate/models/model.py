@@ -14,6 +14,7 @@ else (the default: recipe bf16 without QLoRA) runs the plain torch GEMMs with no
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from surogate.quant import QuantizedWeight, Recipe
 
 from . import _ops, _quant, weights
 from ._errors import ModelError
+from ._host_weights import HostWeights
 from ._offload import OffloadBuffers, check_recompute
 from ._recompute import Recompute
 from .blocks import attention, mlp
@@ -178,6 +180,7 @@ class CausalLM(nn.Module):
         # optional callable(tensors) -> tensors: what the Functions compute with instead of the parameters (ZeRO-3:
         # surogate.dist.GatheredParameters gathers the sharded ones per layer); None: the parameters themselves
         self.weights_provider = None
+        self.host_weights: HostWeights | None = None  # offload_weights (set_offload_weights)
         self.lora_config: LoraConfig | None = None
         if lora is not None:
             self._add_adapters(lora)
@@ -205,7 +208,10 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def _weights(self, *tensors) -> tuple:
-        """The tensors as the Functions get them: unchanged, or weights_provider's (e.g. gathered) weights."""
+        """The tensors as the Functions get them: unchanged, or streamed (offload_weights) / weights_provider's
+        (e.g. gathered) weights."""
+        if self.host_weights is not None:
+            tensors = self.host_weights(tensors)
         return tensors if self.weights_provider is None else self.weights_provider(tensors)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -258,6 +264,25 @@ class CausalLM(nn.Module):
         self.offload_residual = bool(on)
         self._offload = OffloadBuffers() if on else None
 
+    def set_offload_weights(self, device: str | torch.device | None = None) -> None:
+        """offload_weights (LoRA, bf16 recipe): every layer's frozen base weights (qkv, o, gate_up, down) move to
+        (pinned) host memory and stream to `device` (default: the model's) a layer ahead of use, forward and
+        backward (see _host_weights.py); they become placeholders there. The model's other tensors stay where they
+        are: load_pretrained builds the model on the CPU, calls this, then moves the rest. Copies only: the numbers
+        do not change. CUDA-graph capturable."""
+        if self.lora_config is None:
+            raise ModelError("offload_weights streams the frozen base weights of LoRA training; full fine-tuning "
+                             "updates them (use offload_master / offload_optimizer instead)")
+        if self.qlora is not None or self.recipe.name != "bf16":
+            raise ModelError(f"offload_weights streams bf16 base weights; this model has "
+                             f"{'QLoRA ' + self.qlora if self.qlora else 'recipe ' + self.recipe.name}: use one or "
+                             "the other")
+        if self.host_weights is not None or self.weights_provider is not None:
+            raise ModelError("offload_weights: the weights already come from a provider (offload_weights or ZeRO-3)")
+        layers = [[m.weight for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                      layer.mlp.down_proj)] for layer in self.model.layers]
+        self.host_weights = HostWeights(layers, torch.device(device) if device is not None else self.device)
+
     # ------------------------------------------------------------------------------------------ compute
     def _uses_flash(self) -> bool:
         d = self.config.head_dim
@@ -287,13 +312,18 @@ class CausalLM(nn.Module):
         x = Embedding.apply(ids.reshape(-1).to(device=device, dtype=torch.int64), embed)
         residual, delta = x, None
         n_att = len(attention.SLOTS)
-        for layer in self.model.layers:
-            tensors = self._weights(*layer.attention_tensors(), *layer.mlp_tensors())
-            if self.recompute.block:
-                residual, delta = RecomputedBlock.apply(residual, delta, bc, layer.gemms, *tensors)
-            else:
-                residual, delta = attention.AttentionHalf.apply(residual, delta, bc, layer.gemms, *tensors[:n_att])
-                residual, delta = mlp.MlpHalf.apply(residual, delta, bc, layer.gemms, *tensors[n_att:])
+        streamed = self.host_weights
+        if streamed is not None:
+            streamed.begin()
+        with streamed.hooks() if streamed is not None else nullcontext():
+            for layer in self.model.layers:
+                tensors = self._weights(*layer.attention_tensors(), *layer.mlp_tensors())
+                if self.recompute.block:
+                    residual, delta = RecomputedBlock.apply(residual, delta, bc, layer.gemms, *tensors)
+                else:
+                    residual, delta = attention.AttentionHalf.apply(residual, delta, bc, layer.gemms,
+                                                                    *tensors[:n_att])
+                    residual, delta = mlp.MlpHalf.apply(residual, delta, bc, layer.gemms, *tensors[n_att:])
         hidden = FinalNorm.apply(residual, delta, *self._weights(self.model.norm.weight), self.config.rms_norm_eps)
         return hidden, (batch, seq), input_ids.dim() == 1
 
@@ -384,6 +414,10 @@ class CausalLM(nn.Module):
         if self.qlora is not None:
             raise ModelError(f"merge_lora: the base weights are QLoRA-quantised ({self.qlora}); merging into them is "
                              "lossy. Save the adapter (save_adapter) and merge it into the original bf16 base model "
+                             "with `surogate merge`.")
+        if self.host_weights is not None:
+            raise ModelError("merge_lora: the base weights stream from host memory (offload_weights) and are "
+                             "placeholders here. Save the adapter (save_adapter) and merge it into the base model "
                              "with `surogate merge`.")
         c = self.config
         rows = {"q_proj": (0, c.q_size), "k_proj": (c.q_size, c.q_size + c.kv_size),
