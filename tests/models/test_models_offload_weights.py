@@ -119,3 +119,16 @@ def test_gpu_streamed_weights_eager_and_captured(generator, recompute):
         graph.replay()
         torch.cuda.synchronize()
         check(streamed.take(), f"replay {replay}")
+
+
+def test_a_derived_view_of_a_streamed_weight_cannot_be_saved(folder):
+    """A Function that saved w.t() (not the tensor it was given) would read another layer's weights in backward once
+    the slot is reused: refused at save time."""
+    model = _model(folder, True)
+    streamed = model.host_weights
+    streamed.begin()
+    (w,) = streamed((model.model.layers[0].self_attn.o_proj.weight,))
+    with streamed.hooks(), pytest.raises(ModelError, match="Save the weight tensor itself"):
+        x = torch.randn(3, w.shape[1], requires_grad=True)
+        (x @ w.t().contiguous()).sum()  # matmul saves its operands: a copy is fine
+        (x * w[0]).sum()  # a view of the slot is not

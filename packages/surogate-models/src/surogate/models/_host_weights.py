@@ -133,7 +133,7 @@ class HostWeights:
         key = self._views.get((t.data_ptr(), tuple(t.shape), t.stride())) if t.numel() else None
         if key is not None:
             return _Token(key)
-        if t.device == self.device and any(_overlaps(t, s) for s in self.slots):
+        if any(_overlaps(t, s) for s in self.slots):
             raise ModelError("offload_weights: a Function saved a view of a streamed weight other than the one it "
                              "was given; its slot is reused before backward. Save the weight tensor itself.")
         return t
