@@ -188,10 +188,12 @@ def init(device: str | torch.device | None = None, *, timeout: timedelta | None 
     # support that containers and VMs often lack, and fails at the first collective there.
     # A collective's buffers are kept alive by its work object until wait() rather than by recordStream, so a
     # ZeRO-3 gather buffer freed after use is reused at once (also while a CUDA graph is being captured, where a
-    # block with recorded stream uses is held until the capture ends).
+    # block with recorded stream uses is held until the capture ends). torch 2.7+ does so by default and warns
+    # when the variable is set.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
+    if _torch_before(2, 7):
+        os.environ.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
     backend = "nccl" if dev.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
@@ -203,6 +205,11 @@ def init(device: str | torch.device | None = None, *, timeout: timedelta | None 
     )
     _WORLD = World(rank, size, local_rank, local_size, node_count, dev, backend, rank == 0)
     return _WORLD
+
+
+def _torch_before(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) < (major, minor)
 
 
 def _env_timeout() -> timedelta:
