@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_dist import build  # noqa: E402
-from profile_step import category  # noqa: E402
+from profile_step import category, timed_ms  # noqa: E402
 
 
 def union_us(intervals: list[tuple[float, float]]) -> float:
@@ -76,14 +76,8 @@ def main() -> int:
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        start.record()
-        for i in range(args.steps):
-            run(10 + i)
-        end.record()
-        torch.cuda.synchronize()
-    step_ms = start.elapsed_time(end) / args.steps
+        step_ms = timed_ms(run, 10, args.steps)
 
     spans = collections.defaultdict(list)  # "nccl" / "compute" -> [(start_us, end_us)]
     per_kind = collections.defaultdict(float)

@@ -39,6 +39,17 @@ def category(name: str) -> str:
     return "other"
 
 
+def timed_ms(run, first: int, steps: int) -> float:
+    """GPU milliseconds per call of run(first), ..., run(first + steps - 1), between CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(steps):
+        run(first + i)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
 def build_step(name: str, mode: str, seq_len: int, micro_batch: int, cuda_graphs: bool, recompute):
     from surogate.cli.param_group import param_groups
     from surogate.cli.step import TrainStep
@@ -73,13 +84,7 @@ def main():
     for i in range(3):
         run(i)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(args.steps):
-        run(3 + i)
-    end.record()
-    torch.cuda.synchronize()
-    step_ms = start.elapsed_time(end) / args.steps
+    step_ms = timed_ms(run, 3, args.steps)
 
     from torch.profiler import ProfilerActivity, profile
 
