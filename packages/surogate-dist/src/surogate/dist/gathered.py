@@ -211,7 +211,7 @@ class GatheredParameters:
     def _pack(self, t: torch.Tensor):
         key = self._views.get((t.data_ptr(), tuple(t.shape), t.stride())) if t.numel() else None
         if key is None:
-            return t
+            return t.detach()  # not t: a node saving its own output would hold itself (a cycle that outlives backward)
         part = key[:2]
         self._packed[part] = self._packed.get(part, 0) + 1
         return _Token(key)

@@ -136,7 +136,7 @@ class HostWeights:
         if any(_overlaps(t, s) for s in self.slots):
             raise ModelError("offload_weights: a Function saved a view of a streamed weight other than the one it "
                              "was given; its slot is reused before backward. Save the weight tensor itself.")
-        return t
+        return t.detach()  # not t: a node saving its own output would hold itself (a cycle that outlives backward)
 
     def _unpack(self, saved):
         if not isinstance(saved, _Token):
