@@ -59,9 +59,12 @@ def reduce_scatter_(world: World, bucket: torch.Tensor, op: tdist.ReduceOp, then
     return Handle(_reduce_scatter(own, bucket, op=op, async_op=True), then)
 
 
-def all_gather_(world: World, bucket: torch.Tensor, then=None) -> Handle:
-    """Fill `bucket` with every rank's chunk; this rank's chunk must already be in place."""
+def all_gather_(world: World, bucket: torch.Tensor, then=None, src: torch.Tensor | None = None) -> Handle:
+    """Fill `bucket` with every rank's chunk: this rank's comes from `src` (the collective copies it: no separate
+    copy kernel), or is already in place when src is None."""
+    own = bucket.view(world.world_size, -1)[world.rank] if bucket.numel() else bucket
     if world.world_size == 1 or bucket.numel() == 0:
+        if src is not None:
+            own.copy_(src)
         return Handle(None, then)
-    own = bucket.view(world.world_size, -1)[world.rank]
-    return Handle(_all_gather(bucket, own, async_op=True), then)
+    return Handle(_all_gather(bucket, own if src is None else src, async_op=True), then)

@@ -185,6 +185,7 @@ class DataParallel:
         self._launched = [False] * n
         self._pending: list[Handle] = []
         self._grad_scratch: dict[int, torch.Tensor] = {}
+        self._written: dict[int, dict[int, int]] = {}  # ZeRO-3 scratch bucket -> {start: end} spans written so far
         self._scratch_dtype = params.dtype  # ZeRO-3's gradient scratch: the weights' dtype, like zero 0-2's grads
         self._hook_counts: dict[int, int] = {}
 
@@ -214,13 +215,55 @@ class DataParallel:
         if not self._in_micro:
             raise RuntimeError("at zero=3 gradient buffers exist only inside `with dp.micro_step(...)`")
         b = self.layout.group_bucket[group]
+        scratch = self._scratch(group)
+        self._zero_unwritten(b)
+        self._written[b] = {0: scratch.numel()}
+        return scratch[self.layout.group_span_in_bucket(group)]
+
+    def accumulate_grad(self, group: int, offset: int, grad: torch.Tensor) -> None:
+        """Add `grad` (any shape) into group `group`'s gradient at element `offset`. At ZeRO-3 the first write of a
+        span into this micro-step's scratch is a copy (no zero fill, no read of zeros; spans never written are zeroed
+        when the bucket is reduced); at ZeRO 0-2 an add into `grads`."""
+        n = grad.numel()
+        if self.zero < 3:
+            self.grads[self.layout.group_span(group)][offset : offset + n].add_(grad.reshape(-1))
+            return
+        b = self.layout.group_bucket[group]
+        scratch = self._scratch(group)
+        start = self.layout.group_span_in_bucket(group).start + offset
+        written = self._written.setdefault(b, {})
+        dst = scratch[start : start + n]
+        if any(s <= start < e for s, e in written.items()):
+            dst.add_(grad.reshape(-1))
+        else:
+            dst.copy_(grad.reshape(-1))
+            written[start] = start + n
+
+    def _scratch(self, group: int) -> torch.Tensor:
+        """This micro-step's ZeRO-3 gradient scratch of `group`'s bucket (uninitialised until written)."""
+        if self.zero < 3:
+            raise RuntimeError("gradient scratch exists at zero=3 only")
+        if not self._in_micro:
+            raise RuntimeError("at zero=3 gradient buffers exist only inside `with dp.micro_step(...)`")
+        b = self.layout.group_bucket[group]
         if self._launched[b]:
             raise RuntimeError(f"group {group}'s bucket was already reduced in this micro-step (grad_ready called)")
         scratch = self._grad_scratch.get(b)
         if scratch is None:
-            scratch = torch.zeros(self.layout.buckets[b].numel, dtype=self._scratch_dtype, device=self.world.device)
+            scratch = torch.empty(self.layout.buckets[b].numel, dtype=self._scratch_dtype, device=self.world.device)
             self._grad_scratch[b] = scratch
-        return scratch[self.layout.group_span_in_bucket(group)]
+            self._written[b] = {}
+        return scratch
+
+    def _zero_unwritten(self, b: int) -> None:
+        """Zero the spans of bucket b's scratch that no gradient was written into (and the padding)."""
+        scratch, reach = self._grad_scratch[b], 0
+        for start, end in sorted(self._written.get(b, {}).items()):
+            if start > reach:
+                scratch[reach:start].zero_()
+            reach = max(reach, end)
+        if reach < scratch.numel():
+            scratch[reach:].zero_()
 
     # -- micro-steps and reduction -----------------------------------------------------------------------------
 
@@ -243,6 +286,7 @@ class DataParallel:
             self._in_micro = False
             self._pending.clear()
             self._grad_scratch.clear()
+            self._written.clear()
             raise
         try:
             if self._reducing:
@@ -254,6 +298,7 @@ class DataParallel:
         finally:
             self._pending.clear()
             self._grad_scratch.clear()
+            self._written.clear()
             self._in_micro = False
             self._reducing = False
 
@@ -310,6 +355,9 @@ class DataParallel:
             self._pending.append(all_reduce(self.world, span, self._op, then))
             return
         if self.zero == 3:
+            if b in self._grad_scratch:
+                self._zero_unwritten(b)
+            self._written.pop(b, None)
             full = self._grad_scratch.pop(b, None)
             if full is None:  # no gradient for this bucket on this rank: it still takes part in the collective
                 full = torch.zeros(bucket.numel, dtype=self._scratch_dtype, device=self.world.device)

@@ -241,7 +241,7 @@ class GatheredParameters:
             if grad is None:
                 continue
             k, g, offset, shape = key
-            self.engines[k].grad_buffer(g)[offset : offset + shape.numel()].add_(grad.reshape(-1))
+            self.engines[k].accumulate_grad(g, offset, grad)
         if not track:
             return
         for part in sorted({key[:2] for key in keys}):

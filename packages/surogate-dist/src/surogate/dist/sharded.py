@@ -52,8 +52,7 @@ class ShardedParameters:
             return
         bucket = self.layout.buckets[b]
         full = torch.empty(bucket.numel, dtype=self.shard.dtype, device=self.shard.device)
-        full.view(self.world.world_size, -1)[self.world.rank].copy_(self.shard[bucket.shard_span])
-        self._inflight[b] = (full, all_gather_(self.world, full))
+        self._inflight[b] = (full, all_gather_(self.world, full, src=self.shard[bucket.shard_span]))
 
     def gather(self, group: int) -> torch.Tensor:
         """`group`'s full weights (a 1-D view of `layout.group_sizes[group]` elements)."""
