@@ -13,7 +13,8 @@
 #     CPU, then the zero-3 rows without accumulation as time allows.
 # Part 4, two GPUs (about 8 minutes): "PART=4 bash tools/gpu_pending.sh": see below. Part 5 (about 3 minutes) too.
 # Part 6, one GPU (not run yet): "PART=6 bash tools/gpu_pending.sh", carry [".whl"]: see below.
-# Part 7, two GPUs (not run yet): "PART=7 bash tools/gpu_pending.sh" (kind nvidia-h100-x2): see below.
+# Part 7, two GPUs: "PART=7 bash tools/gpu_pending.sh" (kind nvidia-h100-x2): see below.
+# Part 8, two GPUs (about 7 minutes): "PART=8 bash tools/gpu_pending.sh" (kind nvidia-h100-x2), carry [".whl"].
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -99,5 +100,25 @@ case "${PART:-1}" in
   timeout 150 "${MPI[@]}" python3 -m surogate.cli.app sft examples/quickstart/sft.yaml zero_level=3 max_steps=60 \
     eval_steps=30 save_steps=30 eval_exact_match_samples=20 logging_steps=20 output_dir="$OUT/zero3-cli" 2>&1 \
     | grep "^step\|^eval\|^done\|rror" | tail -8
+  ;;
+8)
+  # session 6: (1 GPU) offload_weights without the saved-tensor cycle that leaked cuDNN attention's activations:
+  # gpu tests, Qwen3-8B LoRA bf16 recompute_block + offload_residual + offload_weights against QLoRA-NF4 with the
+  # same flags at micro-batch 4 and 2; (2 GPUs) zero 3 full with copy-first gradient scratch and out-of-place
+  # all-gathers, against this machine's 1-GPU rows; the 2-GPU gpu tests.
+  CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider \
+    tests/models/test_models_offload_weights.py tests/models/test_models_offload.py 2>&1 | tail -1
+  B=(tools/bench/bench_sft.py --modes lora --memory-breakdown --models qwen3-8b --steps 4 --warmup 2
+     --out "$OUT/sft.csv")
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 100 python3 "${B[@]}" --micro-batch 4 --recipes bf16 --frameworks surogate-ckpt-offload-weights | tail -2
+  timeout 80 python3 "${B[@]}" --micro-batch 4 --recipes qlora-nf4 --frameworks surogate-ckpt-offload | tail -2
+  timeout 80 python3 "${B[@]}" --recipes bf16 --frameworks surogate-ckpt-offload-weights | tail -2
+  unset CUDA_VISIBLE_DEVICES
+  BENCH=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes full --accum 4 --steps 6 --warmup 2
+         --out "$OUT/dist.jsonl")
+  CUDA_VISIBLE_DEVICES=0 timeout 80 python3 "${BENCH[@]}" | tail -2
+  timeout 100 "${MPI[@]}" python3 "${BENCH[@]}" --zeros 3 2>&1 | grep "^{"
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/dist/test_dist_gpu.py 2>&1 | tail -2
   ;;
 esac
