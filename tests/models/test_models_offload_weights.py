@@ -1,5 +1,5 @@
 """offload_weights on CPU (host-to-host copies, the code path the CUDA one shares): LoRA with the frozen base weights
-streamed a layer at a time through 3 slots gives the loss and every adapter gradient of the same model with its
+streamed a layer at a time through the ring of slots gives the loss and every adapter gradient of the same model with its
 weights in place, bit for bit (with and without recompute_block, with offload_residual, dropout, accumulation,
 evaluation in between); the parameters are placeholders; misuse is a clear ModelError."""
 
@@ -9,6 +9,7 @@ from test_models_offload import _steps
 from tiny_hf import hf_model, packed_inputs, randomise_lora_b
 
 from surogate.models import LoraConfig, ModelError, load_pretrained
+from surogate.models._host_weights import RING
 
 LAYERS = 5  # more layers than slots: the ring wraps in forward and in backward
 
@@ -63,7 +64,7 @@ def test_base_weights_live_in_host_memory(folder):
     assert host == sum(4 * sum(m.weight.numel() for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                             layer.mlp.gate_up_proj, layer.mlp.down_proj))
                        for layer in plain.model.layers)
-    assert slots == 3 * max(h.numel() for h in streamed.host) * 4
+    assert slots == RING * max(h.numel() for h in streamed.host) * 4
     assert "in host memory (offload_weights" in model.memory_report().description
 
 
@@ -83,7 +84,7 @@ def test_misuse_is_a_model_error(folder):
 @pytest.mark.gpu
 @pytest.mark.parametrize("recompute", [None, "block"])
 def test_gpu_streamed_weights_eager_and_captured(generator, recompute):
-    """bf16 LoRA on CUDA, 6 layers through the 3-slot ring (side-stream copies joined by events): eager, then
+    """bf16 LoRA on CUDA, 6 layers through the ring (side-stream copies joined by events): eager, then
     replayed twice as a captured CUDA graph, against the model with its weights in place. The loss bit for bit (the
     forward is deterministic); the gradients within what eager differs from itself (FlashAttention's backward
     accumulates dq with atomics in a run-dependent order)."""
