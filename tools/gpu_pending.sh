@@ -15,6 +15,7 @@
 # Part 6, one GPU (not run yet): "PART=6 bash tools/gpu_pending.sh", carry [".whl"]: see below.
 # Part 7, two GPUs: "PART=7 bash tools/gpu_pending.sh" (kind nvidia-h100-x2): see below.
 # Part 8, two GPUs (about 7 minutes): "PART=8 bash tools/gpu_pending.sh" (kind nvidia-h100-x2), carry [".whl"].
+# Part 9, one H100 (about 4 minutes): "PART=9 bash tools/gpu_pending.sh" (kind nvidia-h100-x1).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -120,5 +121,15 @@ case "${PART:-1}" in
   CUDA_VISIBLE_DEVICES=0 timeout 80 python3 "${BENCH[@]}" | tail -2
   timeout 100 "${MPI[@]}" python3 "${BENCH[@]}" --zeros 3 2>&1 | grep "^{"
   timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/dist/test_dist_gpu.py 2>&1 | tail -2
+  ;;
+9)
+  # offload_weights with its 2-slot ring: the gpu tests, then Qwen3-8B LoRA bf16 against QLoRA-NF4 with the same
+  # flags (recompute_block + offload_residual) at micro-batch 4, on an H100 like the quant issue's figures.
+  timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/models/test_models_offload_weights.py \
+    tests/models/test_models_offload.py 2>&1 | tail -1
+  B=(tools/bench/bench_sft.py --modes lora --memory-breakdown --models qwen3-8b --steps 4 --warmup 2 --micro-batch 4
+     --out "$OUT/sft.csv")
+  timeout 100 python3 "${B[@]}" --recipes bf16 --frameworks surogate-ckpt-offload-weights | tail -2
+  timeout 80 python3 "${B[@]}" --recipes qlora-nf4 --frameworks surogate-ckpt-offload | tail -2
   ;;
 esac
