@@ -182,3 +182,28 @@ def test_timeout_from_the_environment(monkeypatch):
     monkeypatch.setenv("SUROGATE_DIST_TIMEOUT", "ten minutes")
     with pytest.raises(sd.DistError, match="in seconds"):
         sd.world._env_timeout()
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_accumulate_grad_copies_first_and_zeroes_what_it_never_wrote(world, zero, generator, monkeypatch):
+    """accumulate_grad into parts of a group: written spans hold the sum of their grads, the rest reduces to 0. At
+    zero 3 the scratch is uninitialised (here: NaN) until written, so a span it forgot to zero would poison the
+    gradient shard."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    dp = make(world, zero, sizes=(10, 0, 33), bucket_numel=0)
+    a, b = torch.randn(2, 5, generator=generator), torch.randn(7, generator=generator)
+    with dp.micro_step():
+        dp.accumulate_grad(2, 4, a)  # elements 4..13 of group 2, twice (the second use adds)
+        dp.accumulate_grad(2, 4, a)
+        dp.accumulate_grad(2, 20, b)  # elements 20..26; 0..3, 14..19 and 27..32 are never written
+        for g in (2, 1, 0):
+            dp.grad_ready(g)
+    want = torch.zeros(33)
+    want[4:14] = 2 * a.reshape(-1)
+    want[20:27] = b
+    got = dp._reduced_shard() if zero else dp.grads
+    span = dp.layout.buckets[dp.layout.group_bucket[2]].shard_span
+    torch.testing.assert_close(got[span][:33], want, rtol=0, atol=1e-6)
+    assert got[span][33:].eq(0).all()  # the bucket's padding
+    assert got[dp.layout.buckets[dp.layout.group_bucket[0]].shard_span].eq(0).all()  # a group with no gradient

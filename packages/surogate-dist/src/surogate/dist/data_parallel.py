@@ -212,8 +212,6 @@ class DataParallel:
         zero at the start of each micro-step and is reduced (and freed) after `grad_ready(group)`."""
         if self.zero < 3:
             return self.grads[self.layout.group_span(group)]
-        if not self._in_micro:
-            raise RuntimeError("at zero=3 gradient buffers exist only inside `with dp.micro_step(...)`")
         b = self.layout.group_bucket[group]
         scratch = self._scratch(group)
         self._zero_unwritten(b)
