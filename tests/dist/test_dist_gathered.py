@@ -53,8 +53,9 @@ def _parts(model):
     return part
 
 
-def _shard(world, model, tied):
-    """One engine per weight-decay group (matrices / vectors), one layout group per part, as the trainer does."""
+def _shard(world, model, tied, sparse_lookup=False):
+    """One engine per weight-decay group (matrices / vectors), one layout group per part, as the trainer does (the
+    trainer's order starts at part 1 with sparse_lookup: the input lookup gathers nothing)."""
     part = _parts(model)
     n_parts = model.config.num_layers + 2
     named = model.trainable_parameters()
@@ -69,8 +70,8 @@ def _shard(world, model, tied):
         dp = sd.DataParallel(world, layout, flat, None, zero=3, average=False,
                              make_state=lambda m: {"exp_avg": torch.zeros_like(m)})
         engines.append((dp, groups))
-    order = list(range(n_parts)) + ([0] if tied else [])
-    return sd.GatheredParameters(engines, order), engines
+    order = list(range(1 if sparse_lookup else 0, n_parts)) + ([0] if tied else [])
+    return sd.GatheredParameters(engines, order, sparse_lookup=sparse_lookup), engines
 
 
 @pytest.mark.parametrize(("tied", "lora", "recompute"), [(True, False, None), (False, True, "block"),
@@ -178,3 +179,50 @@ def test_saved_outputs_inside_the_scope_are_freed_with_their_graph(world):
         z = x.exp()
         z.sum().backward()  # and a saved output still comes back for backward
     assert torch.equal(x.grad, x.detach().exp())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sparse_lookup_gives_the_gradients_of_the_plain_model(world, tied, monkeypatch):
+    """sparse_lookup: the input embeddings come from the shards and their gradient goes straight into the gradient
+    shard. Same loss and gradients as the plain model; the embedding part is gathered only for a tied head, and an
+    untied embedding's bucket is never reduced (tests/dist/workers/collectives.py checks the 2-rank geometry)."""
+    launched = []
+    prefetch = sd.ShardedParameters.prefetch
+
+    def counting(self, group):
+        b = self.layout.group_bucket[group] if 0 <= group < len(self.layout.group_sizes) else None
+        if b is not None and b not in self._full and b not in self._inflight and self.layout.group_sizes[group]:
+            launched.append(group)
+        prefetch(self, group)
+
+    monkeypatch.setattr(sd.ShardedParameters, "prefetch", counting)
+    ids, labels, pos = _batch()
+    plain = _model(tied, False, None)
+    loss, n = plain.loss_sum(ids, labels, pos)
+    (loss / n).backward()
+    want = {name: p.grad.clone() for name, p in plain.trainable_parameters()}
+
+    model = _model(tied, False, None)
+    names = {id(p): name for name, p in model.trainable_parameters()}
+    gathered, engines = _shard(world, model, tied, sparse_lookup=True)
+    model.weights_provider = gathered
+    matrices = engines[0][0]
+    reduced = []
+    launch = matrices._launch
+    monkeypatch.setattr(matrices, "_launch", lambda b: (reduced.append(b), launch(b)))
+    with matrices.micro_step(), engines[1][0].micro_step(), gathered.scope():
+        got_loss, got_n = model.loss_sum(ids, labels, pos)
+        (got_loss / got_n).backward()
+    assert torch.equal(got_loss, loss) and int(got_n) == int(n)
+    assert launched.count(0) == (1 if tied else 0), launched
+    assert (matrices.layout.group_bucket[0] in reduced) == tied, reduced
+    for dp, groups in engines:
+        for g, plist in enumerate(groups):
+            flat = dp.grad_shard[dp.layout.buckets[dp.layout.group_bucket[g]].shard_span]
+            offset = 0
+            for p in plist:
+                got = flat[offset : offset + p.numel()].view(p.shape)
+                assert_close(got, want[names[id(p)]], torch.float32, names[id(p)])
+                offset += p.numel()
+    with torch.no_grad():  # evaluation looks the gathered table up: no collective shapes to agree on
+        assert torch.equal(model.loss_sum(ids, labels, pos)[0], loss.detach())

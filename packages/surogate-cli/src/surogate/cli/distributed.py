@@ -172,8 +172,10 @@ class Processes:
         import surogate.dist as sd
 
         part_of, order = model_parts(model)
-        sharded = [ShardedGroup(self.world, g, 3, part_of=part_of, n_parts=len(set(order))) for g in groups]
-        self.gathered = sd.GatheredParameters([(g.dp, g.parts) for g in sharded], order)
+        n_parts = model.config.num_layers + 2
+        sharded = [ShardedGroup(self.world, g, 3, part_of=part_of, n_parts=n_parts) for g in groups]
+        # the trainer's micro-batches have one shape on every rank: the embedding lookup can read the shards
+        self.gathered = sd.GatheredParameters([(g.dp, g.parts) for g in sharded], order, sparse_lookup=True)
         model.weights_provider = self.gathered
         return sharded
 
@@ -223,7 +225,8 @@ def _main_first(world):
 
 def model_parts(model) -> tuple[dict[int, int], list[int]]:
     """ZeRO-3 parts of a surogate.models CausalLM: id(parameter) -> part (0 = embeddings, 1 + i = layer i,
-    L + 1 = final norm + lm_head), and the order its forward asks for them (the tied head reuses part 0)."""
+    L + 1 = final norm + lm_head), and the order its training forward gathers them: the layers and the head, then
+    part 0 again for a tied head (the input lookup reads the shards: GatheredParameters' sparse_lookup)."""
     n = model.config.num_layers
     part_of = {}
     for name, p in model.named_parameters():
@@ -235,7 +238,7 @@ def model_parts(model) -> tuple[dict[int, int], list[int]]:
             part_of[id(p)] = n + 1
         else:
             raise ValueError(f"zero_level 3: parameter {name!r} belongs to no part (embeddings, layers, head)")
-    order = list(range(n + 2)) + ([0] if model.config.tie_word_embeddings else [])
+    order = list(range(1, n + 2)) + ([0] if model.config.tie_word_embeddings else [])
     return part_of, order
 
 

@@ -320,6 +320,18 @@ class DataParallel:
                 while len(self._pending) > _MAX_INFLIGHT_ZERO3:
                     self._pending.pop(0).wait()
 
+    def skip_reduction(self, group: int) -> None:
+        """ZeRO-3: group `group`'s gradient of this micro-step went into the gradient shard another way (a sparse
+        embedding gradient, sharded_embedding.py), so its bucket takes part in no reduction. Every rank calls it for
+        the same groups; the bucket must hold that group alone and have no gradient scratch."""
+        b = self.layout.group_bucket[group]
+        if self.zero != 3 or len(self.layout.buckets[b].groups) != 1 or b in self._grad_scratch:
+            raise RuntimeError(f"skip_reduction: group {group} needs zero=3, a bucket of its own and no scratch")
+        if not self._in_micro:
+            raise RuntimeError("skip_reduction is called inside `with dp.micro_step(...)`")
+        self._ready.add(group)
+        self._launched[b] = True
+
     def register_grad_hooks(self, groups: Sequence[Sequence[torch.nn.Parameter]]) -> list:
         """Call `grad_ready(g)` from autograd once every parameter of group g has its gradient accumulated
         (post-accumulate-grad hooks; parameters bound with `bind_parameters`). Returns the hook handles."""

@@ -6,7 +6,9 @@ The model hands the parameters it is about to use to a provider, `provider(tenso
 of one or more DataParallel engines built with zero=3 and bucket_numel=0, e.g. one engine per weight-decay group,
 parts = embeddings, layer 0 .. L-1, final norm + head): a call returns, for every registered parameter it is
 given, a view of its part's all-gathered weights (other tensors and None pass through unchanged), as the outputs
-of one autograd Function (`_Gather`) whose inputs are the parameters themselves.
+of one autograd Function (`_Gather`) whose inputs are the parameters themselves. With `sparse_lookup` the input
+embedding lookup reads the shards instead (`embedding_lookup`, sharded_embedding.py): the table is gathered only for a
+tied head, and its lookup gradient reaches the gradient shard without the dense reduce-scatter.
 
     forward   a call gathers its parts (waiting for a prefetch when one is in flight), releases every other
               gathered part (the previous layer) but one that `order` asks for again later (a tied embedding
@@ -34,6 +36,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from .data_parallel import DataParallel
+from .sharded_embedding import ShardedTable
 
 
 class _Token:
@@ -60,6 +63,22 @@ class _Gather(torch.autograd.Function):
         return (None, None, None, *(None for _ in grads))
 
 
+class _ShardedLookup(torch.autograd.Function):
+    """apply(owner, key, ids, table) -> the rows of the sharded table for ids; backward: into the gradient shard."""
+
+    @staticmethod
+    def forward(ctx, owner: GatheredParameters, key: tuple, ids: torch.Tensor, table: torch.Tensor):
+        ctx.owner, ctx.key = owner, key
+        ctx.save_for_backward(ids)
+        return owner._table(key).lookup(ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        ctx.owner._lookup_backward(ctx.key, ids, grad)
+        return None, None, None, None
+
+
 class GatheredParameters:
     """The ZeRO-3 weights provider over one or more DataParallel engines (zero=3, bucket_numel=0).
 
@@ -68,11 +87,15 @@ class GatheredParameters:
             order they were bound into the flat buffer (their sizes add up to the group's). Every engine has the
             same number of groups; a part may be empty in some engines.
         order: the parts in the order the model's forward asks for them (for prefetching), e.g. [0, 1, ..., L+1]
-            (+ [0] when the head reuses the embeddings); default 0, 1, ..., n - 1.
+            (+ [0] when the head reuses the embeddings); default 0, 1, ..., n - 1. With sparse_lookup the lookup
+            gathers nothing: [1, ..., L+1] (+ [0] for a tied head, which is then prefetched with part 1).
+        sparse_lookup: `embedding_lookup` (the model calls it for its input embeddings) reads each rank's shard and
+            reduces its gradient sparsely (sharded_embedding.py) in passes that build a graph. Every rank must then
+            look up the same number of tokens per micro-step.
     """
 
     def __init__(self, engines: Sequence[tuple[DataParallel, Sequence[Sequence[torch.nn.Parameter]]]],
-                 order: Sequence[int] | None = None):
+                 order: Sequence[int] | None = None, sparse_lookup: bool = False):
         if not engines:
             raise ValueError("GatheredParameters needs at least one engine")
         n_parts = len(engines[0][0].layout.group_sizes)
@@ -106,6 +129,8 @@ class GatheredParameters:
         self._uses: dict[tuple[int, int], int] = {}  # gathers in this micro-step's forward whose grads are pending
         self._packed: dict[tuple[int, int], int] = {}  # tokens saved and not yet unpacked
         self._cursor = -1  # position in `order` of the last forward gather
+        self.sparse_lookup = sparse_lookup
+        self._tables: dict[tuple, ShardedTable] = {}
 
     # -- the provider ---------------------------------------------------------------------------------------------
 
@@ -121,6 +146,21 @@ class GatheredParameters:
         for i, out in zip(hits, outs, strict=True):
             result[i] = out
         return tuple(result)
+
+    def embedding_lookup(self, table: torch.nn.Parameter, ids: torch.Tensor) -> torch.Tensor | None:
+        """The rows of a registered embedding `table` for `ids` (1-D int64) from the shards, without gathering it
+        (sparse_lookup, passes with grad: collective), else None (the model then looks up the gathered table).
+        Starts the gathers that forward needs next: the first part of `order`, then the table's part if the head
+        reads it (the lookup's all-reduce goes first)."""
+        if not (self.sparse_lookup and torch.is_grad_enabled()) or id(table) not in self._where:
+            return None
+        key = self._where[id(table)]
+        rows = _ShardedLookup.apply(self, key, ids, table)
+        for part in ([self.order[0]] if self.order else []) + ([key[1]] if key[1] in self.order else []):
+            for dp in self.engines:
+                if dp.layout.group_sizes[part] > 0:
+                    dp.prefetch(part)
+        return rows
 
     @contextmanager
     def scope(self) -> Iterator[None]:
@@ -235,6 +275,18 @@ class GatheredParameters:
         return self._view(saved.key)
 
     # -- gradients ------------------------------------------------------------------------------------------------
+
+    def _table(self, key: tuple) -> ShardedTable:
+        if key not in self._tables:
+            k, g, offset, shape = key
+            self._tables[key] = ShardedTable(self.engines[k], g, offset, shape)
+        return self._tables[key]
+
+    def _lookup_backward(self, key: tuple, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        self._table(key).add_grad(ids, grad)
+        part = key[:2]
+        if part not in self._uses:  # no dense use of the part in this micro-step (an untied embedding): no reduction
+            self.engines[part[0]].skip_reduction(part[1])
 
     def _accumulate(self, keys: tuple, grads: tuple, track: bool) -> None:
         for key, grad in zip(keys, grads, strict=True):

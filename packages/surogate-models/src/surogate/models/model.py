@@ -214,6 +214,12 @@ class CausalLM(nn.Module):
             tensors = self.host_weights(tensors)
         return tensors if self.weights_provider is None else self.weights_provider(tensors)
 
+    def _provided_lookup(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The input embeddings from the weights provider's own lookup (ZeRO-3 reads each rank's shard instead of
+        gathering the table), or None: look them up in the (provided) table."""
+        lookup = getattr(self.weights_provider, "embedding_lookup", None)
+        return None if lookup is None else lookup(self.model.embed_tokens.weight, ids)
+
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
@@ -308,8 +314,11 @@ class CausalLM(nn.Module):
             lora_scale=lora.scale if lora else 1.0, dropout=lora.dropout if (lora and self.training) else 0.0,
             offload=self._offload.begin(device) if self._offload is not None and torch.is_grad_enabled() else None,
         )
-        (embed,) = self._weights(self.model.embed_tokens.weight)
-        x = Embedding.apply(ids.reshape(-1).to(device=device, dtype=torch.int64), embed)
+        flat_ids = ids.reshape(-1).to(device=device, dtype=torch.int64)
+        x = self._provided_lookup(flat_ids)
+        if x is None:
+            (embed,) = self._weights(self.model.embed_tokens.weight)
+            x = Embedding.apply(flat_ids, embed)
         residual, delta = x, None
         n_att = len(attention.SLOTS)
         streamed = self.host_weights
