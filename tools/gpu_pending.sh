@@ -16,7 +16,7 @@
 # Part 7, two GPUs: "PART=7 bash tools/gpu_pending.sh" (kind nvidia-h100-x2): see below.
 # Part 8, two GPUs (about 7 minutes): "PART=8 bash tools/gpu_pending.sh" (kind nvidia-h100-x2), carry [".whl"].
 # Part 9, one H100 (about 4 minutes): "PART=9 bash tools/gpu_pending.sh" (kind nvidia-h100-x1).
-# Part 10, two GPUs (not run yet, about 6 minutes): "PART=10 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
+# Part 10, two GPUs (not run yet, about 8 minutes): "PART=10 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -134,13 +134,18 @@ case "${PART:-1}" in
   timeout 80 python3 "${B[@]}" --recipes qlora-nf4 --frameworks surogate-ckpt-offload | tail -2
   ;;
 10)
-  # for the next session: zero 3 full fine-tuning, NCCL's share of the SMs. The GEMMs run 33 ms per step slower next to
-  # NCCL's kernels (1.7B, profile in RESULTS session 5). Fewer CTAs per collective: NCCL's "efficiency" CTA policy, at
-  # most 16 or 8 CTAs. The 1-GPU rows of this machine come first; NCCL_DEBUG=VERSION prints NCCL's version.
+  # for the next session: zero 3 full fine-tuning. First the 2-GPU gpu tests and the new default, the sparse input
+  # embedding lookup (the table gathered only for a tied head, no reduce-scatter of it at the end of backward), with
+  # a profile at 1.7B. Then NCCL's share of the SMs: the GEMMs ran 33 ms per step slower next to NCCL's kernels (1.7B,
+  # RESULTS session 5): NCCL's "efficiency" CTA policy, at most 16 or 8 CTAs. The 1-GPU rows of this machine come
+  # first; NCCL_DEBUG=VERSION prints NCCL's version.
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/dist/test_dist_gpu.py 2>&1 | tail -2
   D=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes full --accum 4 --steps 6 --warmup 2
      --out "$OUT/dist.jsonl")
   CUDA_VISIBLE_DEVICES=0 timeout 80 python3 "${D[@]}" | grep "^{"
   NCCL_DEBUG=VERSION timeout 100 "${MPI[@]}" -x NCCL_DEBUG python3 "${D[@]}" --zeros 3 2>&1 | grep "^{\|NCCL version"
+  timeout 100 "${MPI[@]}" python3 tools/bench/profile_dist.py --shape qwen3-1.7b --mode full --accum 4 --steps 2 \
+    --zero 3 2>&1 | grep "^\[rank 0"
   for setting in NCCL_CTA_POLICY=1 NCCL_MAX_CTAS=16 NCCL_MAX_CTAS=8; do
     echo "== $setting"
     env "$setting" timeout 100 "${MPI[@]}" -x "${setting%%=*}" python3 "${D[@]}" --zeros 3 2>&1 | grep "^{"
