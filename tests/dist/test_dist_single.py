@@ -192,7 +192,7 @@ def test_accumulate_grad_copies_first_and_zeroes_what_it_never_wrote(world, zero
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
     dp = make(world, zero, sizes=(10, 0, 33), bucket_numel=0)
-    a, b = torch.randn(2, 5, generator=generator), torch.randn(7, generator=generator)
+    a, b = torch.randn(5, 2, generator=generator).t(), torch.randn(7, generator=generator)  # a: strided [2, 5]
     with dp.micro_step():
         dp.accumulate_grad(2, 4, a)  # elements 4..13 of group 2, twice (the second use adds)
         dp.accumulate_grad(2, 4, a)

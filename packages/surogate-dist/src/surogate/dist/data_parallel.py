@@ -223,18 +223,18 @@ class DataParallel:
         span into this micro-step's scratch is a copy (no zero fill, no read of zeros; spans never written are zeroed
         when the bucket is reduced); at ZeRO 0-2 an add into `grads`."""
         n = grad.numel()
-        if self.zero < 3:
-            self.grads[self.layout.group_span(group)][offset : offset + n].add_(grad.reshape(-1))
+        if self.zero < 3:  # (views in grad's shape: a strided gradient is read in place, never copied first)
+            self.grads[self.layout.group_span(group)][offset : offset + n].view(grad.shape).add_(grad)
             return
         b = self.layout.group_bucket[group]
         scratch = self._scratch(group)
         start = self.layout.group_span_in_bucket(group).start + offset
         written = self._written.setdefault(b, {})
-        dst = scratch[start : start + n]
+        dst = scratch[start : start + n].view(grad.shape)
         if any(s <= start < e for s, e in written.items()):
-            dst.add_(grad.reshape(-1))
+            dst.add_(grad)
         else:
-            dst.copy_(grad.reshape(-1))
+            dst.copy_(grad)
             written[start] = start + n
 
     def _scratch(self, group: int) -> torch.Tensor:
