@@ -17,6 +17,8 @@
 # Part 8, two GPUs (about 7 minutes): "PART=8 bash tools/gpu_pending.sh" (kind nvidia-h100-x2), carry [".whl"].
 # Part 9, one H100 (about 4 minutes): "PART=9 bash tools/gpu_pending.sh" (kind nvidia-h100-x1).
 # Part 10, two GPUs (not run yet, about 8 minutes): "PART=10 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
+# Part 11, one GPU (not run yet, about 8 minutes): "PART=11 bash tools/gpu_pending.sh" (kind nvidia-h100-x1), carry [".whl"].
+# Part 12, two GPUs (not run yet, about 3 minutes): "PART=12 bash tools/gpu_pending.sh" (right after part 10: warm).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -150,5 +152,24 @@ case "${PART:-1}" in
     echo "== $setting"
     env "$setting" timeout 100 "${MPI[@]}" -x "${setting%%=*}" python3 "${D[@]}" --zeros 3 2>&1 | grep "^{"
   done
+  ;;
+11)
+  # issue 9's per-flag matrix where rows are missing: Qwen3-4B full fine-tune with each offload flag alone and both
+  # (stream), 4B and 8B LoRA with the optimizer flags, 4B LoRA with the activation / weight flags.
+  timeout 330 python3 tools/bench/bench_offload.py --budget-s 300 --out "$OUT/offload.csv" --json "$OUT/offload.json" \
+    --rows qwen3-4b:full:none,qwen3-4b:full:offload_optimizer:stream,qwen3-4b:full:offload_master:stream,qwen3-4b:full:offload_both:stream,qwen3-4b:lora:none,qwen3-4b:lora:offload_both:stream,qwen3-8b:lora:offload_optimizer:stream \
+    2>&1 | tail -9
+  timeout 150 python3 tools/bench/bench_sft.py --modes lora --memory-breakdown --models qwen3-4b --steps 4 --warmup 2 \
+    --recipes bf16 --frameworks surogate,surogate-ckpt,surogate-ckpt-offload,surogate-ckpt-offload-weights \
+    --out "$OUT/sft.csv" | tail -8
+  ;;
+12)
+  # issue 9: offload_grads (zero 2, fp32 gradient shard in pinned host memory) on two GPUs: the CLI's equality test
+  # (bit for bit the run without it) on NCCL, and its cost at 1.7B full fine-tuning, accumulation 4.
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/cli/test_cli_mpirun.py -k offload_grads 2>&1 | tail -2
+  D=(tools/bench/bench_dist.py --shapes qwen3-1.7b --modes full --zeros 2 --accum 4 --steps 6 --warmup 2
+     --out "$OUT/dist.jsonl")
+  timeout 80 "${MPI[@]}" python3 "${D[@]}" 2>&1 | grep "^{"
+  timeout 80 "${MPI[@]}" python3 "${D[@]}" --offload-grads 2>&1 | grep "^{"
   ;;
 esac

@@ -87,7 +87,8 @@ def run(procs, shape: str, mode: str, args, cuda_graphs: bool) -> dict:
         peak = procs.world.max(peak)
     tokens = procs.world_size * args.micro_batch * args.seq_len * args.accum
     step_fn.release_graphs()  # they captured NCCL collectives: freed while the process group lives
-    return {"world_size": procs.world_size, "shape": shape, "mode": mode, "zero": procs.zero_level, "accum": args.accum,
+    return {"world_size": procs.world_size, "shape": shape, "mode": mode, "zero": procs.zero_level,
+            "offload_grads": procs.offload_grads, "accum": args.accum,
             "cuda_graphs": bool(step_fn.cuda_graphs), "tok_per_s": tokens / step_s, "step_ms": 1e3 * step_s,
             "peak_gib": peak, "loss": loss, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
@@ -105,6 +106,8 @@ def main() -> int:
     parser.add_argument("--eager-too", action="store_true", help="at world size 1: also without CUDA graphs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--deadline", type=float, default=0.0, help="unix time after which no new config starts")
+    parser.add_argument("--offload-grads", action="store_true",
+                        help="zero 2 rows with the fp32 gradient shard in pinned host memory (offload_grads)")
     parser.add_argument("--out", default="benchmarks/dist.jsonl")
     args = parser.parse_args()
 
@@ -128,7 +131,7 @@ def main() -> int:
         if late:
             print(f"deadline passed: skipping {shape} {mode} zero {zero} and the rest", flush=True)
             break
-        procs = Processes(device, world, zero)
+        procs = Processes(device, world, zero, offload_grads=args.offload_grads and zero == 2)
         row = run(procs, shape, mode, args, graphs)
         if procs.is_main:
             print(json.dumps(row), flush=True)
