@@ -18,7 +18,7 @@
 # Part 9, one H100 (about 4 minutes): "PART=9 bash tools/gpu_pending.sh" (kind nvidia-h100-x1).
 # Part 10, two GPUs (not run yet, about 8 minutes): "PART=10 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 # Part 11, one GPU (not run yet, about 8 minutes): "PART=11 bash tools/gpu_pending.sh" (kind nvidia-h100-x1), carry [".whl"].
-# Part 12, two GPUs (not run yet, about 3 minutes): "PART=12 bash tools/gpu_pending.sh" (right after part 10: warm).
+# Part 12, two GPUs (not run yet, about 5 minutes): "PART=12 bash tools/gpu_pending.sh" (right after part 10: warm).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -171,5 +171,11 @@ case "${PART:-1}" in
      --out "$OUT/dist.jsonl")
   timeout 80 "${MPI[@]}" python3 "${D[@]}" 2>&1 | grep "^{"
   timeout 80 "${MPI[@]}" python3 "${D[@]}" --offload-grads 2>&1 | grep "^{"
+  # issue 8: zero 3 full at micro-batch 4 x accumulation 2 (the same tokens per step as 2 x 4; ZeRO-3 frees the memory
+  # for it), against the 1-GPU rows at the same micro-batch: half the gathers per token.
+  D4=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes full --micro-batch 4 --accum 2 --steps 6
+      --warmup 2 --out "$OUT/dist.jsonl")
+  CUDA_VISIBLE_DEVICES=0 timeout 80 python3 "${D4[@]}" | grep "^{"
+  timeout 100 "${MPI[@]}" python3 "${D4[@]}" --zeros 3 2>&1 | grep "^{"
   ;;
 esac
