@@ -54,3 +54,10 @@ def test_a_failing_rank_ends_an_nccl_job():
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and seconds < 60, output
     assert "rank 1 failed: ValueError" in output and "passed the collective" not in output, output
+
+
+def test_sharded_embedding_lookup_and_gradient_with_nccl():
+    proc, seconds = run_worker(2, "sharded_table.py", ["--device", "cuda"], timeout=120, env=NCCL_ENV)
+    assert proc.returncode == 0, f"({seconds:.1f} s)\n{proc.stdout}\n{proc.stderr}"
+    assert proc.stdout.count("sharded table ok") == 2, proc.stdout
+

@@ -128,3 +128,10 @@ def test_world_metrics_all_reduce_grads_and_sharded_parameters():
     proc, seconds = run_worker(2, "collectives.py", [])
     assert proc.returncode == 0, f"({seconds:.1f} s)\n{proc.stdout}\n{proc.stderr}"
     assert proc.stdout.count("collectives ok") == 2, proc.stdout
+
+
+def test_sharded_embedding_lookup_and_gradient_on_two_ranks():
+    proc, seconds = run_worker(2, "sharded_table.py", [])
+    assert proc.returncode == 0, f"({seconds:.1f} s)\n{proc.stdout}\n{proc.stderr}"
+    assert proc.stdout.count("sharded table ok") == 2, proc.stdout
+

@@ -1,5 +1,4 @@
-"""World facts, metric reductions, all_reduce_grads, ShardedParameters and ShardedTable on W ranks; asserts on
-every rank.
+"""World facts, metric reductions, all_reduce_grads and ShardedParameters on W ranks; asserts on every rank.
 
 mpiexec -n 2 python tests/dist/workers/collectives.py
 """
@@ -47,43 +46,8 @@ def main() -> None:
             assert torch.equal(sharded.gather(g), full[layout.group_span(g)].bfloat16()), g
             sharded.release(g)
         sharded.release_all()
-        sharded_table(world)
         print(f"rank {r}: collectives ok", flush=True)
         sd.shutdown()
-
-
-def sharded_table(world) -> None:
-    """ShardedTable: a [13, 6] table bound after 5 other elements, so shard boundaries cut rows; every rank looks up
-    its own tokens (repeats included). The lookup equals the table's rows; the gradient shard receives the mean (or
-    sum) over ranks of the dense index_add of every rank's row gradients."""
-    from surogate.dist.sharded_embedding import ShardedTable
-
-    w, r = world.world_size, world.rank
-    rows, cols, lead = 13, 6, 5
-    layout = sd.FlatLayout([lead + rows * cols], w, bucket_numel=0)
-    canonical = torch.randn(layout.canonical_numel, generator=torch.Generator().manual_seed(4))
-    table = canonical[lead:].view(rows, cols)
-
-    def ids_of(rank: int) -> torch.Tensor:
-        return torch.randint(0, rows, (9,), generator=torch.Generator().manual_seed(10 + rank))
-
-    def grad_of(rank: int) -> torch.Tensor:
-        return torch.randn(9, cols, generator=torch.Generator().manual_seed(20 + rank))
-
-    dense = torch.zeros(rows, cols)
-    for q in range(w):
-        dense.index_add_(0, ids_of(q), grad_of(q))
-    for average in (True, False):
-        dp = sd.DataParallel(world, layout, layout.from_canonical(canonical), None, zero=3, average=average,
-                             make_state=lambda m: {})
-        t = ShardedTable(dp, 0, lead, torch.Size([rows, cols]))
-        assert len(t.pieces) <= 3, t.pieces
-        assert torch.equal(t.lookup(ids_of(r)), table[ids_of(r)])
-        t.add_grad(ids_of(r), grad_of(r))
-        want = torch.zeros(layout.canonical_numel)
-        want[lead:] = (dense / w if average else dense).reshape(-1)
-        torch.testing.assert_close(dp.grad_shard, layout.shard_of(layout.from_canonical(want), r), rtol=0,
-                                   atol=1e-6)
 
 
 if __name__ == "__main__":
