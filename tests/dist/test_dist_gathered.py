@@ -74,6 +74,33 @@ def _shard(world, model, tied, sparse_lookup=False):
     return sd.GatheredParameters(engines, order, sparse_lookup=sparse_lookup), engines
 
 
+def _count_gathers(monkeypatch) -> list[int]:
+    """The groups whose all-gather is launched (not already gathered or in flight), in order, from now on."""
+    launched = []
+    prefetch = sd.ShardedParameters.prefetch
+
+    def counting(self, group):
+        b = self.layout.group_bucket[group] if 0 <= group < len(self.layout.group_sizes) else None
+        if b is not None and b not in self._full and b not in self._inflight and self.layout.group_sizes[group]:
+            launched.append(group)
+        prefetch(self, group)
+
+    monkeypatch.setattr(sd.ShardedParameters, "prefetch", counting)
+    return launched
+
+
+def _assert_grad_shards(engines, names, want):
+    """The reduced gradient shard (world size 1: all of it) of every parameter against autograd's `want[name]`."""
+    for dp, groups in engines:
+        for g, plist in enumerate(groups):
+            flat = dp.grad_shard[dp.layout.buckets[dp.layout.group_bucket[g]].shard_span]
+            offset = 0
+            for p in plist:
+                got = flat[offset : offset + p.numel()].view(p.shape)
+                assert_close(got, want[names[id(p)]], torch.float32, names[id(p)])
+                offset += p.numel()
+
+
 @pytest.mark.parametrize(("tied", "lora", "recompute"), [(True, False, None), (False, True, "block"),
                                                            (False, False, "block")])
 def test_gathered_weights_give_the_gradients_of_the_plain_model(world, tied, lora, recompute):
@@ -97,14 +124,7 @@ def test_gathered_weights_give_the_gradients_of_the_plain_model(world, tied, lor
         assert len({g for _, g in gathered._live}) <= 1
         (got_loss / got_n).backward()
     assert torch.equal(got_loss, loss) and int(got_n) == int(n)
-    for dp, groups in engines:  # the reduced gradient shard (world size 1: all of it) against autograd's
-        for g, plist in enumerate(groups):
-            flat = dp.grad_shard[dp.layout.buckets[dp.layout.group_bucket[g]].shard_span]
-            offset = 0
-            for p in plist:
-                got = flat[offset : offset + p.numel()].view(p.shape)
-                assert_close(got, want[names[id(p)]], torch.float32, names[id(p)])
-                offset += p.numel()
+    _assert_grad_shards(engines, names, want)
     gathered.unshard()
     for name, p in model.trainable_parameters():
         assert torch.equal(p, weights[name]), name
@@ -119,16 +139,7 @@ def _nothing():
 def test_a_tied_embedding_is_gathered_once_per_forward(world, monkeypatch):
     """order [0, 1, ..., L+1, 0]: the embedding part stays gathered for the head instead of being gathered again;
     every layer part is gathered once."""
-    launched = []
-    prefetch = sd.ShardedParameters.prefetch
-
-    def counting(self, group):
-        b = self.layout.group_bucket[group] if 0 <= group < len(self.layout.group_sizes) else None
-        if b is not None and b not in self._full and b not in self._inflight and self.layout.group_sizes[group]:
-            launched.append(group)
-        prefetch(self, group)
-
-    monkeypatch.setattr(sd.ShardedParameters, "prefetch", counting)
+    launched = _count_gathers(monkeypatch)
     model = _model(True, False, None)
     gathered, engines = _shard(world, model, True)
     model.weights_provider = gathered
@@ -185,17 +196,8 @@ def test_saved_outputs_inside_the_scope_are_freed_with_their_graph(world):
 def test_sparse_lookup_gives_the_gradients_of_the_plain_model(world, tied, monkeypatch):
     """sparse_lookup: the input embeddings come from the shards and their gradient goes straight into the gradient
     shard. Same loss and gradients as the plain model; the embedding part is gathered only for a tied head, and an
-    untied embedding's bucket is never reduced (tests/dist/workers/collectives.py checks the 2-rank geometry)."""
-    launched = []
-    prefetch = sd.ShardedParameters.prefetch
-
-    def counting(self, group):
-        b = self.layout.group_bucket[group] if 0 <= group < len(self.layout.group_sizes) else None
-        if b is not None and b not in self._full and b not in self._inflight and self.layout.group_sizes[group]:
-            launched.append(group)
-        prefetch(self, group)
-
-    monkeypatch.setattr(sd.ShardedParameters, "prefetch", counting)
+    untied embedding's bucket is never reduced (tests/dist/workers/sharded_table.py checks the 2-rank geometry)."""
+    launched = _count_gathers(monkeypatch)
     ids, labels, pos = _batch()
     plain = _model(tied, False, None)
     loss, n = plain.loss_sum(ids, labels, pos)
@@ -216,13 +218,6 @@ def test_sparse_lookup_gives_the_gradients_of_the_plain_model(world, tied, monke
     assert torch.equal(got_loss, loss) and int(got_n) == int(n)
     assert launched.count(0) == (1 if tied else 0), launched
     assert (matrices.layout.group_bucket[0] in reduced) == tied, reduced
-    for dp, groups in engines:
-        for g, plist in enumerate(groups):
-            flat = dp.grad_shard[dp.layout.buckets[dp.layout.group_bucket[g]].shard_span]
-            offset = 0
-            for p in plist:
-                got = flat[offset : offset + p.numel()].view(p.shape)
-                assert_close(got, want[names[id(p)]], torch.float32, names[id(p)])
-                offset += p.numel()
+    _assert_grad_shards(engines, names, want)
     with torch.no_grad():  # evaluation looks the gathered table up: no collective shapes to agree on
         assert torch.equal(model.loss_sum(ids, labels, pos)[0], loss.detach())
