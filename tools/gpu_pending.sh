@@ -18,7 +18,8 @@
 # Part 9, one H100 (about 4 minutes): "PART=9 bash tools/gpu_pending.sh" (kind nvidia-h100-x1).
 # Part 10, two GPUs (not run yet, about 8 minutes): "PART=10 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 # Part 11, one GPU (not run yet, about 8 minutes): "PART=11 bash tools/gpu_pending.sh" (kind nvidia-h100-x1), carry [".whl"].
-# Part 12, two GPUs (not run yet, about 5 minutes): "PART=12 bash tools/gpu_pending.sh" (right after part 10: warm).
+# Part 12, two GPUs (about 5 minutes): "PART=12 bash tools/gpu_pending.sh" (right after part 10: warm).
+# Part 13, two GPUs (about 6 minutes): "PART=13 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -174,6 +175,19 @@ case "${PART:-1}" in
   # issue 8: zero 3 full at micro-batch 4 x accumulation 2 (the same tokens per step as 2 x 4; ZeRO-3 frees the memory
   # for it), against the 1-GPU rows at the same micro-batch: half the gathers per token.
   D4=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes full --micro-batch 4 --accum 2 --steps 6
+      --warmup 2 --out "$OUT/dist.jsonl")
+  CUDA_VISIBLE_DEVICES=0 timeout 80 python3 "${D4[@]}" | grep "^{"
+  timeout 100 "${MPI[@]}" python3 "${D4[@]}" --zeros 3 2>&1 | grep "^{"
+  ;;
+13)
+  # issue 9: part 12's offload_grads row printed nothing under its 80 s limit (the host-side adds of a 0.85 G-float
+  # shard per micro-step); again with room and its error output. issue 8: part 12's micro-batch 4 x accumulation 2
+  # rows (1.83x / 1.80x) repeated, to see their spread.
+  D=(tools/bench/bench_dist.py --shapes qwen3-1.7b --modes full --zeros 2 --accum 4 --steps 4 --warmup 1
+     --out "$OUT/dist.jsonl")
+  timeout 200 "${MPI[@]}" python3 "${D[@]}" --offload-grads > "$OUT/offload_grads.log" 2>&1
+  echo "rc $?"; grep "^{" "$OUT/offload_grads.log" || tail -20 "$OUT/offload_grads.log"
+  D4=(tools/bench/bench_dist.py --shapes qwen3-0.6b,qwen3-1.7b --modes full --micro-batch 4 --accum 2 --steps 8
       --warmup 2 --out "$OUT/dist.jsonl")
   CUDA_VISIBLE_DEVICES=0 timeout 80 python3 "${D4[@]}" | grep "^{"
   timeout 100 "${MPI[@]}" python3 "${D4[@]}" --zeros 3 2>&1 | grep "^{"
