@@ -20,6 +20,7 @@
 # Part 11, one GPU (not run yet, about 8 minutes): "PART=11 bash tools/gpu_pending.sh" (kind nvidia-h100-x1), carry [".whl"].
 # Part 12, two GPUs (about 5 minutes): "PART=12 bash tools/gpu_pending.sh" (right after part 10: warm).
 # Part 13, two GPUs (about 6 minutes): "PART=13 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
+# Part 14, two GPUs (about 4 minutes): "PART=14 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -191,5 +192,16 @@ case "${PART:-1}" in
       --warmup 2 --out "$OUT/dist.jsonl")
   CUDA_VISIBLE_DEVICES=0 timeout 80 python3 "${D4[@]}" | grep "^{"
   timeout 100 "${MPI[@]}" python3 "${D4[@]}" --zeros 3 2>&1 | grep "^{"
+  ;;
+14)
+  # issue 9: offload_grads summed on the device (host_grad_shard.py) instead of on the CPU (part 13: 9.3 s per step
+  # against 0.42 s): the 2-GPU tests (bit for bit the device shard, NCCL), the CLI's equality test, the rows again.
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/dist/test_dist_gpu.py 2>&1 | tail -2
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/cli/test_cli_mpirun.py -k offload_grads 2>&1 | tail -2
+  D=(tools/bench/bench_dist.py --shapes qwen3-1.7b --modes full --zeros 2 --accum 4 --steps 6 --warmup 2
+     --out "$OUT/dist.jsonl")
+  timeout 100 "${MPI[@]}" python3 "${D[@]}" 2>&1 | grep "^{"
+  timeout 150 "${MPI[@]}" python3 "${D[@]}" --offload-grads > "$OUT/offload_grads.log" 2>&1
+  echo "rc $?"; grep "^{" "$OUT/offload_grads.log" || tail -20 "$OUT/offload_grads.log"
   ;;
 esac

@@ -6,7 +6,7 @@ import pytest
 import surogate.dist as sd
 import torch
 from _mpirun import NO_MPIEXEC, find_mpiexec, run_worker
-from test_dist_mpi import CHECKPOINTS, eq, rel, rtol
+from test_dist_mpi import CHECKPOINTS, OFFLOADED, assert_offload_is_bit_for_bit, eq, rel, rtol
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,6 +41,11 @@ def test_two_gpus_equal_one_gpu_with_twice_the_batch(two_gpus, one_gpu, config):
     assert rel(got["losses"], want["losses"]) < tol, (got["losses"], want["losses"])
     assert rel(got["norms"], want["norms"]) < tol
     assert rel(got["final"], want["final"]) < tol
+
+
+@pytest.mark.parametrize("config", OFFLOADED)
+def test_offload_grads_is_bit_for_bit_the_device_shard_on_gpus(two_gpus, one_gpu, config):
+    assert_offload_is_bit_for_bit(config, two_gpus, one_gpu)
 
 
 def test_collectives_replay_inside_a_cuda_graph():

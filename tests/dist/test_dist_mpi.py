@@ -66,18 +66,36 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(two_ranks, one_rank, conf
     assert rel(got["norms"], want["norms"]) < tol, (got["norms"], want["norms"])
     assert rel(got["final"], want["final"]) < tol
     # the run trained: weights moved well beyond the tolerance
-    start, _ = eq.initial_weights(config.rsplit("-", 1)[0])
+    start, _ = eq.initial_weights(eq.parse(config)[0])
     assert rel(want["final"], start.numpy()) > 10 * tol
 
 
 @pytest.mark.parametrize("config", [c for c in eq.CONFIGS if not c.endswith("-0")])
 def test_zero_levels_equal_plain_data_parallel_at_world_size_one(one_rank, config):
-    model = config.rsplit("-", 1)[0]
+    model = eq.parse(config)[0]
     base = one_rank[("full" if model == "module" else model) + "-0"]
     tol = rtol(config)
     assert rel(one_rank[config]["final"], base["final"]) < tol
     assert rel(one_rank[config]["losses"], base["losses"]) < tol
     assert rel(one_rank[config]["norms"], base["norms"]) < tol
+
+
+OFFLOADED = [c for c in eq.CONFIGS if c.endswith("-offload")]
+
+
+def assert_offload_is_bit_for_bit(config, two_ranks_dir, one_rank_results):
+    """offload_grads sums the host shard by the same operations as the device shard, in the same order: the runs
+    with and without it are equal, at 2 ranks and at 1."""
+    on_device = config.removesuffix("-offload")
+    two = (np.load(two_ranks_dir / f"{config}.npz"), np.load(two_ranks_dir / f"{on_device}.npz"))
+    for got, want in (two, (one_rank_results[config], one_rank_results[on_device])):
+        for key in ("losses", "norms", "final"):
+            assert np.array_equal(got[key], want[key]), (config, key)
+
+
+@pytest.mark.parametrize("config", OFFLOADED)
+def test_offload_grads_is_bit_for_bit_the_device_shard(two_ranks, one_rank, config):
+    assert_offload_is_bit_for_bit(config, two_ranks, one_rank)
 
 
 @pytest.mark.parametrize("config", CHECKPOINTS)
@@ -87,7 +105,7 @@ def test_two_rank_checkpoints_reload_at_world_size_one(two_ranks, config):
     master = np.load(two_ranks / f"ckpt-{config}-master.npy")
     world = sd.init("cpu")
     try:
-        model = config.rsplit("-", 1)[0]
+        model = eq.parse(config)[0]
         canonical, _ = eq.initial_weights(model)
         for zero in (0, 3):
             dp, _ = eq.build(world, f"{model}-{zero}", canonical)

@@ -2,7 +2,8 @@
 
     mpiexec -n 2 python tests/dist/workers/equivalence.py --out DIR [--device cuda] [--configs full-0 lora-3 ...]
 
-Models (CONFIGS names are "<model>-<zero level>"):
+Models (CONFIGS names are "<model>-<zero level>", plus "-offload": ZeRO-2 with offload_grads, the fp32 gradient shard
+in host memory):
 - full: 3 residual tanh layers + a linear head, every weight trainable (groups: one per layer + the head);
   loss = mean cross-entropy over the global batch (gradients averaged over ranks).
 - lora: the same with frozen base weights, trainable rank-2 adapters A, B per layer and a frozen head (an empty
@@ -32,6 +33,13 @@ D, C, R, LAYERS = 12, 5, 2, 3
 STEPS, GA, GLOBAL_ROWS = 4, 2, 8  # GLOBAL_ROWS per micro-step, split over the ranks
 MAX_NORM = 0.5  # clips on some steps (grad norms here are ~0.3-1)
 CONFIGS = [f"{m}-{z}" for m in ("full", "lora", "bf16") for z in (0, 1, 2, 3)] + [f"module-{z}" for z in (0, 1, 2)]
+CONFIGS += ["full-2-offload", "bf16-2-offload"]
+
+
+def parse(config: str) -> tuple[str, int, bool]:
+    """"bf16-2-offload" -> ("bf16", 2, True): model, ZeRO level, offload_grads."""
+    model, zero, *rest = config.split("-")
+    return model, int(zero), rest == ["offload"]
 
 
 def group_sizes(model: str) -> list[int]:
@@ -168,8 +176,7 @@ def adam_state(master: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def build(world: sd.World, config: str, canonical: torch.Tensor):
-    model, zero = config.rsplit("-", 1)
-    zero = int(zero)
+    model, zero, offload = parse(config)
     layout = sd.FlatLayout(group_sizes(model), world.world_size, bucket_numel=bucket_numel(model, zero))
     dtype = torch.bfloat16 if model == "bf16" else torch.float32
     params = layout.from_canonical(canonical.to(world.device, dtype))
@@ -178,7 +185,8 @@ def build(world: sd.World, config: str, canonical: torch.Tensor):
     if model == "module":
         module = Mlp(canonical).to(world.device)
         sd.bind_parameters(layout, module.groups(), params, grads)
-    dp = sd.DataParallel(world, layout, params, grads, zero=zero, make_state=adam_state, average=model != "lora")
+    dp = sd.DataParallel(world, layout, params, grads, zero=zero, make_state=adam_state, average=model != "lora",
+                          offload_grads=offload)
     if module is not None:
         dp.register_grad_hooks(module.groups())
     return dp, module
@@ -186,7 +194,7 @@ def build(world: sd.World, config: str, canonical: torch.Tensor):
 
 def train(world: sd.World, config: str) -> dict[str, np.ndarray] | None:
     """Trains one config; returns losses, grad norms and final master weights on rank 0 (None elsewhere)."""
-    model = config.rsplit("-", 1)[0]
+    model = parse(config)[0]
     canonical, frozen = initial_weights(model)
     frozen = {
         k: [t.to(world.device) for t in v] if isinstance(v, list) else v.to(world.device) for k, v in frozen.items()
@@ -230,7 +238,7 @@ def train(world: sd.World, config: str) -> dict[str, np.ndarray] | None:
 
 def checkpoint_round_trip(world: sd.World, config: str, out: Path) -> None:
     """Train, save in both forms, load each into a fresh engine: master, state and params come back exactly."""
-    model = config.rsplit("-", 1)[0]
+    model = parse(config)[0]
     canonical, _ = initial_weights(model)
     dp, _ = build(world, config, canonical)
     g = torch.Generator().manual_seed(5)

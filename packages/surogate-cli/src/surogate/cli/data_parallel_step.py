@@ -160,8 +160,9 @@ class ZeroStep(DataParallelStep):
 class Zero2Step(ZeroStep):
     """zero 2: every micro-step reduce-scatters its gradients into the fp32 shards (adding), bucket by bucket as
     backward completes them, inside the micro-step and its graph; the full buffer is zeroed for the next one.
-    offload_grads (the shard in host memory: host-side adds, not capturable): after each micro-step's replay,
-    outside its graph, without overlap. The rest is zero 1's."""
+    offload_grads (the shard in host memory, summed through a one-chunk device buffer; which spans are copied in
+    is decided in Python per micro-step, so not captured): after each micro-step's replay, outside its graph,
+    without overlap with backward. The rest is zero 1's."""
 
     def _offloaded(self) -> bool:
         return any(g.dp.offload_grads for g in self.groups)

@@ -22,11 +22,10 @@ ZeRO-1/2 all-gather the updated master shards into `params` after the step (cast
 ZeRO-3 keeps only the shard and gathers a layer at a time (`gather`/`prefetch`/`release`, ShardedParameters).
 At ZeRO-2 the reduce-scattered micro-step gradients accumulate into the fp32 shard and the full buffer is zeroed
 for the next micro-step: the full-size buffer is scratch the model writes into, not an accumulator.
-`offload_grads=True` (ZeRO-2 only) keeps that fp32 shard in host memory (pinned when CUDA is available): after
-each reduce-scatter the rank's chunk is copied to a pinned staging buffer and added there on the CPU; the
-optimizer step copies the shard to the device once (`grad_norm` and `step` share that copy, `zero_grad` drops
-it), so the device holds it only while the step runs, not during forward and backward. On a CPU world the shard
-is a separate host tensor: the same code path.
+`offload_grads=True` (ZeRO-2 only) keeps that fp32 shard in host memory (host_grad_shard.py): each reduced chunk
+is added to it on the device through a one-chunk staging buffer; the optimizer step copies the shard to the
+device once (`grad_norm` and `step` share that copy, `zero_grad` drops it), so the device holds it only while the
+step runs, not during forward and backward.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as tdist
 
 from ._comm import Handle, all_gather_, all_reduce, reduce_op, reduce_scatter_
+from .host_grad_shard import HostGradShard
 from .layout import DEFAULT_BUCKET_NUMEL, FlatLayout
 from .sharded import ShardedParameters
 from .world import World
@@ -148,8 +148,7 @@ class DataParallel:
         self.grads: torch.Tensor | None = grads
         self.grad_shard: torch.Tensor | None = None
         self.offload_grads = offload_grads
-        self._staging: torch.Tensor | None = None  # offload_grads: pinned host copy of a reduced chunk
-        self._device_grads: torch.Tensor | None = None  # offload_grads: the shard on the device for one step
+        self._host_grads: HostGradShard | None = None  # offload_grads: the fp32 shard in host memory
         self.sharded: ShardedParameters | None = None
         # `work`: where step_fn writes the new weights in the model's dtype (None when the model reads the fp32
         # master itself): params (ZeRO-0), a shard that is then all-gathered (ZeRO-1/2), the ZeRO-3 shard.
@@ -161,10 +160,9 @@ class DataParallel:
         else:
             self.master = layout.shard_of(params, world.rank).float()
             if offload_grads:
-                pin = torch.cuda.is_available()
-                self.grad_shard = torch.zeros(layout.shard_numel, dtype=torch.float32, pin_memory=pin)
                 chunk = max((b.chunk for b in layout.buckets), default=0)
-                self._staging = torch.empty(chunk, dtype=grads.dtype, pin_memory=pin)
+                self._host_grads = HostGradShard(layout.shard_numel, chunk, world.device)
+                self.grad_shard = self._host_grads.host
             else:
                 self.grad_shard = torch.zeros_like(self.master)
             if params.dtype != torch.float32:
@@ -376,14 +374,12 @@ class DataParallel:
         own = full.view(self.world.world_size, -1)[self.world.rank]
         dst = self.grad_shard[bucket.shard_span]
         zero = self.zero
-        device_own = own
-        if self._staging is not None:  # offload_grads: the reduced chunk goes to host memory, added there
-            device_own, own = own, self._staging[: own.numel()]
+        host_grads = self._host_grads
 
         def then() -> None:
-            if own is not device_own:
-                own.copy_(device_own)
-            if zero == 1:
+            if host_grads is not None:  # offload_grads (zero 2)
+                host_grads.add_(bucket.shard_span, own, alpha=scale)
+            elif zero == 1:
                 dst.copy_(own)
                 if scale != 1:
                     dst.mul_(scale)
@@ -422,18 +418,16 @@ class DataParallel:
         """Zero the reduced gradients (ZeRO 1-3 already left the full buffer zeroed after reducing it)."""
         if self.zero == 0:
             self.grads.zero_()
+        elif self._host_grads is not None:
+            self._host_grads.clear()
         else:
             self.grad_shard.zero_()
-        self._device_grads = None
 
     def _reduced_shard(self) -> torch.Tensor:
         """The reduced fp32 gradient shard on the device (offload_grads: one copy from host memory per step)."""
-        if not self.offload_grads:
+        if self._host_grads is None:
             return self.grad_shard
-        if self._device_grads is None:
-            # blocking: zero_grad zeroes the host shard right after the step
-            self._device_grads = self.grad_shard.to(self.world.device)
-        return self._device_grads
+        return self._host_grads.on_device()
 
     def _publish(self) -> None:
         """New weights (in `work`, or the master) -> what the model reads: all-gather into params (ZeRO-1/2),
