@@ -11,6 +11,7 @@ bit for bit the run without it. A rank that raises ends the job (zero 1 and 3) w
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -124,10 +125,18 @@ def test_two_ranks_equal_one_process_with_twice_the_micro_batch(tmp_path_factory
     assert got[-1]["loss"] < got[0]["loss"] - 0.1
 
 
+def _line(output: str, start: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith(start))
+
+
 def test_offload_grads_at_zero_2_equals_the_run_without(tmp_path_factory):
     out, output = _two_ranks(tmp_path_factory, "full", 2, offload_grads=True)
     assert "gradient shards in host memory (offload_grads)" in output, output
-    plain, _ = _two_ranks(tmp_path_factory, "full", 2)
+    plain, plain_output = _two_ranks(tmp_path_factory, "full", 2)
+    # the per-rank memory line: the fp32 gradient shard moved from the device to pinned host memory
+    offloaded, resident = (_line(o, "per rank, sharded: ") for o in (output, plain_output))
+    shard = re.search(r"device: .*grad shard ([\d.]+ MiB)", resident).group(1)
+    assert "grad shard" not in offloaded.split("pinned host")[0] and f"pinned host: grad shard {shard}" in offloaded
     assert [(r["loss"], r["grad_norm"]) for r in _steps(out)] == [(r["loss"], r["grad_norm"]) for r in _steps(plain)]
     a, b = _weights(out, "full"), _weights(plain, "full")
     for k in b:

@@ -1,6 +1,6 @@
 """offload_weights on CPU (host-to-host copies, the code path the CUDA one shares): LoRA with the frozen base weights
-streamed a layer at a time through the ring of slots gives the loss and every adapter gradient of the same model with its
-weights in place, bit for bit (with and without recompute_block, with offload_residual, dropout, accumulation,
+streamed a layer at a time through the ring of slots gives the loss and every adapter gradient of the same model with
+its weights in place, bit for bit (with and without recompute_block, with offload_residual, dropout, accumulation,
 evaluation in between); the parameters are placeholders; misuse is a clear ModelError."""
 
 import pytest

@@ -295,6 +295,25 @@ class ShardedGroup:
         self.master = self.dp.master
         self.exp_avg, self.exp_avg_sq = self.dp.state["exp_avg"], self.dp.state["exp_avg_sq"]
 
+    def memory(self) -> dict[str, dict[str, int]]:
+        """This rank's bytes per kind ({"device": {...}, "host": {...}}), as ParamGroup.memory: the weights the model
+        reads (zero 3: the shard), the full gradient scratch (zero 1/2), the fp32 gradient shard (host memory with
+        offload_grads), the fp32 master and AdamW shards."""
+        out = {"device": {}, "host": {}}
+
+        def add(where, kind, t):
+            out[where][kind] = out[where].get(kind, 0) + t.numel() * t.element_size()
+
+        add("device", "weights", self.work)
+        if self.grad is not None:
+            add("device", "grads", self.grad)
+        add("host" if self.dp.offload_grads else "device", "grad shard", self.dp.grad_shard)
+        if self.master is not self.work:
+            add("device", "master", self.master)
+        add("device", "optimizer", self.exp_avg)
+        add("device", "optimizer", self.exp_avg_sq)
+        return out
+
     def state_dict(self) -> dict:
         """Full tensors on rank 0's CPU; the same keys with None on the other ranks (every rank must call it)."""
         full = self.dp.full_state(0)

@@ -352,6 +352,8 @@ def train(cfg: Config, command: str) -> int:
         compat["world_size"] = procs.world_size
     # data parallel: rank 0's weights everywhere; ZeRO shards the optimizer (1), grads (2), weights (3: per layer)
     groups = procs.shard_groups(groups, model)
+    if procs.zero_level > 0:
+        log.info(f"per rank, sharded: {memory_report(groups)[1]}")  # what ZeRO (and offload_grads) leave each GPU
     start = _resume(cfg, log, groups, layout, compat, resume_path)
     if resume_path is not None:  # fp8-hybrid's amax histories and scales, nvfp4's SR step: as the run left them
         model.load_recipe_state_dict(checkpoint.load_recipe(resume_path))

@@ -8,7 +8,8 @@ CUDA (one side stream; events on the compute stream, the caller's current stream
   fetch of layer l into slot s = l % 2: compute records free[s] (every reader of the slot's previous layer, l - 2
   in forward and l + 2 in backward, has been queued by then), the side stream waits for it (the copy starts once
   that layer's compute is done, overlapping layer l - 1's or l + 1's), copies, records loaded[l]; compute waits for
-  loaded[l] before it reads layer l. Every copy is joined back by such a wait, so the pattern is captured by torch.cuda.graph.
+  loaded[l] before it reads layer l. Every copy is joined back by such a wait, so the pattern is captured by
+  torch.cuda.graph.
   Each forward pass starts from an empty ring (`begin`): a captured graph fetches everything it reads, and eager
   passes in between (evaluation) do not disturb it; within a pass, backward reuses what forward left in the ring.
 CPU: the same steps with host-to-host copies (the CPU test suite runs this path).
