@@ -83,6 +83,7 @@ def test_backward_reads_the_host_copies_and_the_device_keeps_one_layer(folder, g
     host_bytes, ring_bytes = buffers.nbytes()
     h_bytes = ids.numel() * model.config.hidden_size * 4
     assert host_bytes == LAYERS * h_bytes and ring_bytes == 3 * h_bytes
+    assert model.offloaded_bytes() == host_bytes and clean.offloaded_bytes() == LAYERS * h_bytes
     buffers.host[0]["h"].view(torch.float32).mul_(1.5)  # layer 0's residual as backward will read it
     loss.backward()
     assert not buffers.pending

@@ -65,6 +65,7 @@ def test_base_weights_live_in_host_memory(folder):
                                                             layer.mlp.gate_up_proj, layer.mlp.down_proj))
                        for layer in plain.model.layers)
     assert slots == RING * max(h.numel() for h in streamed.host) * 4
+    assert model.offloaded_bytes() == host and plain.offloaded_bytes() == 0
     assert "in host memory (offload_weights" in model.memory_report().description
 
 

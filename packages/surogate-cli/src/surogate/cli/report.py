@@ -48,6 +48,21 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
+def first_step_memory(device, resident_bytes: int, host_bytes: int) -> str:
+    """The log line after the first step: its peak, split into what was allocated before it (`resident_bytes`:
+    weights, gradients, optimizer state, buffers) and the rest (activations and workspace), and the host memory the
+    offload flags hold (`host_bytes`). Needs the peak counter reset before the step."""
+    import torch
+
+    if device.type != "cuda":
+        return f"peak host memory (RSS) after the first step: {peak_memory_gb(device):.2f} GB"
+    peak = torch.cuda.max_memory_allocated(device)
+    text = (f"peak GPU memory allocated in the first step: {peak / 1e9:.2f} GB = weights, gradients, optimizer "
+            f"state and buffers {resident_bytes / 1e9:.2f} GB + activations and workspace "
+            f"{(peak - resident_bytes) / 1e9:.2f} GB")
+    return text + (f"; host memory held by offloading: {host_bytes / 1e9:.2f} GB" if host_bytes else "")
+
+
 def _fmt_rate(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 

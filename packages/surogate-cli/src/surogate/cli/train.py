@@ -32,7 +32,7 @@ from .config import QLORA_FORMATS, Config, check_supported, load_config, recompu
 from .data import PreparedData, Tokenizer, prepare
 from .errors import CheckpointError, NotSupportedYet, UserError
 from .evaluate import eval_loss, exact_match
-from .report import RunLog, peak_flops, peak_memory_gb
+from .report import RunLog, first_step_memory, peak_flops, peak_memory_gb
 from .schedule import lr_at, warmup_steps
 
 # Tests stop a run as Ctrl-C would, after this many optimizer steps (kill-and-resume equals an uninterrupted run).
@@ -394,6 +394,9 @@ def train(cfg: Config, command: str) -> int:
     # ------------------------------------------------------------------------------------------ the loop
     log.start_progress(plan.max_steps, start)
     step = start
+    if device.type == "cuda":  # the first step's peak, over what it starts with (first_step_memory)
+        torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     t_start = time.perf_counter()
     try:
         while step < plan.max_steps:
@@ -421,8 +424,8 @@ def train(cfg: Config, command: str) -> int:
                      total=plan.max_steps, print_line=step % cfg.logging_steps == 0 or step == plan.max_steps)
             log.advance()
             if step == start + 1:
-                where = "GPU memory allocated" if device.type == "cuda" else "host memory (RSS)"
-                log.info(f"peak {where} after the first step: {peak_memory_gb(device):.2f} GB")
+                host = sum(memory_report(groups)[0]["host"].values()) + model.offloaded_bytes()
+                log.info(first_step_memory(device, resident, host))
             if not math.isfinite(loss):
                 raise UserError(f"the loss became {loss} at step {step}", key="learning_rate",
                                 fix="lower learning_rate, or set max_grad_norm (e.g. 1.0)")

@@ -289,6 +289,12 @@ class CausalLM(nn.Module):
                                       layer.mlp.down_proj)] for layer in self.model.layers]
         self.host_weights = HostWeights(layers, torch.device(device) if device is not None else self.device)
 
+    def offloaded_bytes(self) -> int:
+        """Bytes this model keeps in host memory: offload_residual's residual buffers (allocated by the first
+        training forward) and offload_weights' frozen base weights."""
+        n = self._offload.nbytes()[0] if self._offload is not None else 0
+        return n + (self.host_weights.nbytes()[0] if self.host_weights is not None else 0)
+
     # ------------------------------------------------------------------------------------------ compute
     def _uses_flash(self) -> bool:
         d = self.config.head_dim
