@@ -21,6 +21,7 @@
 # Part 12, two GPUs (about 5 minutes): "PART=12 bash tools/gpu_pending.sh" (right after part 10: warm).
 # Part 13, two GPUs (about 6 minutes): "PART=13 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 # Part 14, two GPUs (about 4 minutes): "PART=14 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
+# Part 15, one GPU (about 5 minutes): "PART=15 bash tools/gpu_pending.sh" (kind nvidia-h100-x1).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -203,5 +204,17 @@ case "${PART:-1}" in
   timeout 100 "${MPI[@]}" python3 "${D[@]}" 2>&1 | grep "^{"
   timeout 150 "${MPI[@]}" python3 "${D[@]}" --offload-grads > "$OUT/offload_grads.log" 2>&1
   echo "rc $?"; grep "^{" "$OUT/offload_grads.log" || tail -20 "$OUT/offload_grads.log"
+  ;;
+15)
+  # issue 9: the memory line after the first step (resident + activations/workspace, host memory held) on a GPU,
+  # through the CLI with every single-GPU offload flag; its gpu test; the last 8B per-flag row (full fine-tuning with
+  # offload_optimizer alone: bf16 weights + grads + fp32 master stay, 66 GB; it may not fit 80 GB).
+  timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/cli/test_report.py \
+    tests/models/test_models_offload.py tests/models/test_models_offload_weights.py 2>&1 | tail -2
+  timeout 120 python3 -m surogate.cli.app sft examples/quickstart/sft.yaml max_steps=20 output_dir="$OUT/qs" \
+    recompute_block=true offload_residual=true offload_optimizer=true offload_master=true 2>&1 \
+    | grep -i "memory\|peak\|step     20\|done"
+  timeout 200 python3 tools/bench/bench_offload.py --budget-s 180 --out "$OUT/offload.csv" --json "$OUT/offload.json" \
+    --rows qwen3-8b:full:offload_optimizer:stream 2>&1 | tail -3
   ;;
 esac
