@@ -214,7 +214,7 @@ case "${PART:-1}" in
   timeout 120 python3 -m surogate.cli.app sft examples/quickstart/sft.yaml max_steps=20 output_dir="$OUT/qs" \
     recompute_block=true offload_residual=true offload_optimizer=true offload_master=true 2>&1 \
     | grep -i "memory\|peak\|step     20\|done"
-  timeout 200 python3 tools/bench/bench_offload.py --budget-s 180 --out "$OUT/offload.csv" --json "$OUT/offload.json" \
+  timeout 170 python3 tools/bench/bench_offload.py --budget-s 150 --out "$OUT/offload.csv" --json "$OUT/offload.json" \
     --rows qwen3-8b:full:offload_optimizer:stream 2>&1 | tail -3
   ;;
 esac
