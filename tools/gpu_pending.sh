@@ -22,6 +22,7 @@
 # Part 13, two GPUs (about 6 minutes): "PART=13 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 # Part 14, two GPUs (about 4 minutes): "PART=14 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 # Part 15, one GPU (about 5 minutes): "PART=15 bash tools/gpu_pending.sh" (kind nvidia-h100-x1).
+# Part 16, two GPUs (about 3 minutes): "PART=16 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu-out}
@@ -216,5 +217,15 @@ case "${PART:-1}" in
     | grep -i "memory\|peak\|step     20\|done"
   timeout 170 python3 tools/bench/bench_offload.py --budget-s 150 --out "$OUT/offload.csv" --json "$OUT/offload.json" \
     --rows qwen3-8b:full:offload_optimizer:stream 2>&1 | tail -3
+  ;;
+16)
+  # issue 9: offload_grads with its copies back on a side stream, two staging buffers (host_grad_shard.py): the
+  # bitwise gpu tests, then the 1.7B zero-2 rows with and without it (part 14: 918 ms against 421 per step).
+  timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/dist/test_dist_gpu.py -k "offload or equal" \
+    2>&1 | tail -2
+  D=(tools/bench/bench_dist.py --shapes qwen3-1.7b --modes full --zeros 2 --accum 4 --steps 4 --warmup 1
+     --out "$OUT/dist.jsonl")
+  timeout 60 "${MPI[@]}" python3 "${D[@]}" 2>&1 | grep "^{"
+  timeout 70 "${MPI[@]}" python3 "${D[@]}" --offload-grads 2>&1 | grep "^{\|Error"
   ;;
 esac
