@@ -160,7 +160,7 @@ class ZeroStep(DataParallelStep):
 class Zero2Step(ZeroStep):
     """zero 2: every micro-step reduce-scatters its gradients into the fp32 shards (adding), bucket by bucket as
     backward completes them, inside the micro-step and its graph; the full buffer is zeroed for the next one.
-    offload_grads (the shard in host memory, summed through a one-chunk device buffer; which spans are copied in
+    offload_grads (the shard in host memory, summed through one-chunk device buffers; which spans are copied in
     is decided in Python per micro-step, so not captured): after each micro-step's replay, outside its graph,
     without overlap with backward. The rest is zero 1's."""
 

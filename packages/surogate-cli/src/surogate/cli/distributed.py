@@ -23,7 +23,7 @@ sharded, 3 = + weights sharded):
   which is then scratch for one micro-step). At zero 1/2 each rank keeps the fp32 master and AdamW moments of its
   shard only, runs surogate.kernels.adamw_step on it, and the updated shards are all-gathered into the weights; that
   optimizer step runs collectives, so it is never captured as a CUDA graph. offload_grads (zero 2 only): the fp32
-  shard lives in host memory and each micro-step's sum passes through a one-chunk device buffer (copy in, add,
+  shard lives in host memory and each micro-step's sum passes through one-chunk device buffers (copy in, add,
   copy back): that reduction runs after each micro-step's replay, outside its graph, without overlap.
 - zero 3: each weight-decay group's trainable weights are sharded by *part* (embeddings, layer 0 .. L-1, final
   norm + lm_head; with LoRA only the adapters are trainable: the frozen base weights stay replicated); the model's

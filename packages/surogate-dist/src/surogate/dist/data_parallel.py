@@ -23,9 +23,9 @@ ZeRO-3 keeps only the shard and gathers a layer at a time (`gather`/`prefetch`/`
 At ZeRO-2 the reduce-scattered micro-step gradients accumulate into the fp32 shard and the full buffer is zeroed
 for the next micro-step: the full-size buffer is scratch the model writes into, not an accumulator.
 `offload_grads=True` (ZeRO-2 only) keeps that fp32 shard in host memory (host_grad_shard.py): each reduced chunk
-is added to it on the device through a one-chunk staging buffer; the optimizer step copies the shard to the
-device once (`grad_norm` and `step` share that copy, `zero_grad` drops it), so the device holds it only while the
-step runs, not during forward and backward.
+is added to it on the device through two alternating one-chunk staging buffers; the optimizer step copies the
+shard to the device once (`grad_norm` and `step` share that copy, `zero_grad` drops it), so the device holds it
+only while the step runs, not during forward and backward.
 """
 
 from __future__ import annotations
