@@ -141,7 +141,8 @@ class Processes:
         text = (f"data parallel: {w.world_size} processes on {w.node_count} node(s), {w.backend}, "
                 f"zero_level {self.zero_level}")
         if self.offload_grads:
-            text += ", gradient shards in host memory (offload_grads)"
+            text += (", gradient shards in host memory (offload_grads): summed after each micro-step, outside its "
+                     "CUDA graph (with use_cuda_graphs), not overlapped with backward")
         return text
 
     # -------------------------------------------------------------------------------------- data
