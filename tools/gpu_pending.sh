@@ -16,8 +16,8 @@
 # Part 7, two GPUs: "PART=7 bash tools/gpu_pending.sh" (kind nvidia-h100-x2): see below.
 # Part 8, two GPUs (about 7 minutes): "PART=8 bash tools/gpu_pending.sh" (kind nvidia-h100-x2), carry [".whl"].
 # Part 9, one H100 (about 4 minutes): "PART=9 bash tools/gpu_pending.sh" (kind nvidia-h100-x1).
-# Part 10, two GPUs (not run yet, about 8 minutes): "PART=10 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
-# Part 11, one GPU (not run yet, about 8 minutes): "PART=11 bash tools/gpu_pending.sh" (kind nvidia-h100-x1), carry [".whl"].
+# Part 10, two GPUs (about 4 minutes): "PART=10 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
+# Part 11, one GPU (about 4 minutes): "PART=11 bash tools/gpu_pending.sh" (kind nvidia-h100-x1), carry [".whl"].
 # Part 12, two GPUs (about 5 minutes): "PART=12 bash tools/gpu_pending.sh" (right after part 10: warm).
 # Part 13, two GPUs (about 6 minutes): "PART=13 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
 # Part 14, two GPUs (about 4 minutes): "PART=14 bash tools/gpu_pending.sh" (kind nvidia-h100-x2).
