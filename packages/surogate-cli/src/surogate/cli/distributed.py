@@ -262,6 +262,9 @@ class ShardedGroup:
     parameters of part g (for surogate.dist.GatheredParameters, which replaces them with placeholders). The
     unpadded canonical order is still parameter order (parts follow the model's parameter order)."""
 
+    optimizer = "adamw"  # as ParamGroup's (memory_report): the sharded step is fp32 AdamW on device-resident shards
+    offload_method = None  # nothing is reached through mapped host memory (offload_grads copies through the device)
+
     def __init__(self, world, group, zero: int, *, offload_grads: bool = False, part_of: dict | None = None,
                  n_parts: int = 0):
         import surogate.dist as sd

@@ -224,10 +224,10 @@ def memory_report(groups: list[ParamGroup]) -> tuple[dict[str, dict[str, int]], 
         kinds = total[where]
         return ", ".join(f"{k} {size(v)}" for k, v in kinds.items()) + f" (total {size(sum(kinds.values()))})"
 
-    g = groups[0]  # a ParamGroup, or a ZeRO ShardedGroup (fp32 AdamW, nothing reached through mapped memory)
-    what = "fp32 AdamW states" if getattr(g, "optimizer", "adamw") == "adamw" else "8-bit AdamW states"
+    g = groups[0]  # a ParamGroup, or a ZeRO ShardedGroup (offload_method None)
+    what = "fp32 AdamW states" if g.optimizer == "adamw" else "8-bit AdamW states"
     text = f"trainer memory ({what}): device: {line('device')}"
     if total["host"]:
-        method = getattr(g, "offload_method", None)
-        text += f"; pinned host: {line('host')}" + (f", reached {method.replace('_', '-')}" if method else "")
+        method = f", reached {g.offload_method.replace('_', '-')}" if g.offload_method else ""
+        text += f"; pinned host: {line('host')}{method}"
     return total, text
